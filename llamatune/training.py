@@ -1,0 +1,360 @@
+"""Loop pieces every stage shares: seeding, optimizer, schedule, batches, loss, checkpoints.
+
+Plain functions, no trainer base class: a stage composes what it needs and reads top to
+bottom. Checkpoints are safetensors plus JSON (no pickles), written under a temporary
+name and renamed only when complete, so a crash never leaves a checkpoint that looks
+usable but is not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+from llamatune.config import Config, TrainConfig, save_config
+from llamatune.errors import UserError
+
+__all__ = [
+    "MetricsWriter",
+    "Progress",
+    "build_optimizer",
+    "build_scheduler",
+    "create_output_dir",
+    "epoch_batches",
+    "latest_checkpoint",
+    "lm_loss_sum",
+    "load_checkpoint",
+    "prepare_output_dir",
+    "save_checkpoint",
+    "set_seed",
+    "trainable_state_dict",
+]
+
+_FINISHED_MARKERS = ("adapter_model.safetensors", "model.safetensors")
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy (if present) and torch."""
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    """Check ``output_dir`` can be written and holds no run we would silently clobber.
+
+    Creates nothing; call :func:`create_output_dir` once the inputs are validated.
+
+    Raises:
+        UserError: Not writable, or a finished run / checkpoints exist and neither
+            ``resume`` nor ``overwrite`` is set.
+    """
+    out = Path(cfg.output_dir).expanduser()
+    # Check without creating anything: nothing is written until the inputs are known good.
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "is not a folder" if probe.exists() and not probe.is_dir() else "is not writable"
+        raise UserError(
+            f"output_dir {cfg.output_dir} cannot be created: {probe} {why}; choose another "
+            "folder with output_dir=PATH."
+        )
+    has_ckpt = any(out.glob("checkpoint-*"))
+    finished = any((out / m).exists() for m in _FINISHED_MARKERS)
+    if cfg.resume:
+        if not has_ckpt:
+            raise UserError(
+                f"resume=true but output_dir {cfg.output_dir} has no complete checkpoint-STEP "
+                "folder; set train.save_every to write checkpoints, or drop resume=true."
+            )
+    elif (has_ckpt or finished) and not cfg.overwrite:
+        raise UserError(
+            f"output_dir {cfg.output_dir} already holds a run. Continue it with resume=true, "
+            "replace it with overwrite=true, or pick another output_dir."
+        )
+    return out
+
+
+def create_output_dir(cfg: Config, out: Path) -> None:
+    """Create the run directory (clearing an old run when ``overwrite`` is set).
+
+    Raises:
+        UserError: The folder cannot be created.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"output_dir {cfg.output_dir} cannot be created ({e.strerror}).") from None
+    if cfg.overwrite and not cfg.resume:
+        for p in out.glob("checkpoint-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        for name in ("metrics.jsonl", *_FINISHED_MARKERS):
+            (out / name).unlink(missing_ok=True)
+
+
+def build_optimizer(model, tcfg: TrainConfig):
+    """AdamW over trainable parameters; no weight decay on biases and norms."""
+    import torch
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise RuntimeError("no trainable parameters")
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def build_scheduler(optimizer, tcfg: TrainConfig, total_steps: int):
+    """Linear warmup, then cosine or linear decay to zero (or constant)."""
+    import torch
+
+    warmup = int(tcfg.warmup_ratio * total_steps) if tcfg.warmup_ratio else tcfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if tcfg.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = min(max(progress, 0.0), 1.0)
+        if tcfg.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_batches(
+    samples: list[dict], tcfg: TrainConfig, epoch: int, pad_id: int, shuffle: bool = True
+) -> list[dict]:
+    """The micro-batches of one epoch, in a seeded order that depends only on the epoch.
+
+    Without packing, each micro-batch holds ``batch_size`` samples padded to the longest.
+    With packing, samples are packed into ``max_length`` rows, ``batch_size`` rows a batch.
+    """
+    from llamatune.data.collate import pack, packed_batch, pad_batch
+
+    order = list(range(len(samples)))
+    if shuffle:
+        random.Random(tcfg.seed * 1_000_003 + epoch).shuffle(order)
+    ordered = [samples[i] for i in order]
+    bs = tcfg.batch_size
+    if tcfg.packing:
+        rows = pack(ordered, tcfg.max_length)
+        return [packed_batch(rows[i : i + bs], pad_id) for i in range(0, len(rows), bs)]
+    return [pad_batch(ordered[i : i + bs], pad_id) for i in range(0, len(ordered), bs)]
+
+
+def lm_loss_sum(model, batch: dict):
+    """Summed next-token cross-entropy over supervised positions, and their count.
+
+    The output head runs only on positions whose next token is supervised, so no
+    full-vocabulary logits are made for prompts or padding.
+
+    Returns:
+        ``(loss_sum, n_supervised)`` as tensors.
+    """
+    import torch.nn.functional as F
+
+    from llamatune.model import unwrap_model
+
+    inner = unwrap_model(model)
+    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
+    for k in ("attention_mask", "position_ids"):
+        if k in batch:
+            kwargs[k] = batch[k]
+    hidden = inner.model(**kwargs).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    h = hidden[:, :-1][mask]
+    logits = inner.get_output_embeddings()(h).float()
+    loss = F.cross_entropy(logits, labels[mask], reduction="sum")
+    return loss, mask.sum()
+
+
+def trainable_state_dict(model) -> dict:
+    """The trainable tensors (adapter and any fully trained modules)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``metrics.jsonl``."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            # Drop rows logged after the checkpoint we resume from: they will be redone.
+            keep = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(k + "\n" for k in keep))
+
+    def write(self, row: dict) -> None:
+        """Append a row and flush."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class Progress:
+    """A tqdm bar with step, loss, tokens/s and ETA (or quiet lines when disabled)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+    def update(self, **fields) -> None:
+        """Advance one step and show the latest figures."""
+        if self.bar is not None:
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                                  for k, v in fields.items()}, refresh=False)
+            self.bar.update(1)
+
+    def write(self, msg: str) -> None:
+        """Print a line without breaking the bar."""
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        """Close the bar."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _save_optimizer(optimizer, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd = optimizer.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for idx, st in sd["state"].items():
+        meta["state"][str(idx)] = {}
+        for k, v in st.items():
+            if hasattr(v, "shape"):
+                tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                meta["state"][str(idx)][k] = v
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    (folder / "optimizer.json").write_text(json.dumps(meta))
+
+
+def _load_optimizer(optimizer, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    meta = json.loads((folder / "optimizer.json").read_text())
+    state: dict = {int(k): dict(v) for k, v in meta["state"].items()}
+    for name, t in tensors.items():
+        idx, _, key = name.partition(".")
+        state.setdefault(int(idx), {})[key] = t
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict,
+                    keep: int, save_model) -> Path:
+    """Write ``checkpoint-STEP/`` atomically and prune old ones.
+
+    Args:
+        run_dir: The run directory.
+        step: Optimizer steps done.
+        model: The model (its trainable weights are saved by ``save_model``).
+        optimizer: Its state is saved as safetensors + JSON.
+        scheduler: Its state is saved as JSON.
+        state: Loop position and anything else the stage needs to resume (JSON-able).
+        keep: Keep this many newest checkpoints.
+        save_model: ``callable(model, folder)`` writing the trainable weights.
+
+    Returns:
+        The checkpoint folder.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    final = run_dir / f"checkpoint-{step}"
+    tmp = run_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, tmp)
+    _save_optimizer(optimizer, tmp)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / "rng.safetensors"))
+    full_state = dict(state, step=step, scheduler=scheduler.state_dict(),
+                      python_rng=_py_rng_to_json(random.getstate()), time=time.time())
+    # Written last: a checkpoint folder with trainer_state.json is complete.
+    (tmp / "trainer_state.json").write_text(json.dumps(full_state))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    ckpts = sorted(_checkpoints(run_dir), key=lambda p: int(p.name.split("-")[1]))
+    for old in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    out = []
+    for p in run_dir.glob("checkpoint-*"):
+        tail = p.name.split("-", 1)[1]
+        if tail.isdigit() and (p / "trainer_state.json").is_file():
+            out.append(p)
+    return out
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or ``None``."""
+    ckpts = _checkpoints(run_dir)
+    return max(ckpts, key=lambda p: int(p.name.split("-")[1])) if ckpts else None
+
+
+def load_checkpoint(folder: Path, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG state; return the saved loop state."""
+    import torch
+    from safetensors.torch import load_file
+
+    _load_optimizer(optimizer, folder)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    scheduler.load_state_dict(state["scheduler"])
+    rng = load_file(str(folder / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    random.setstate(_py_rng_from_json(state["python_rng"]))
+    return state
+
+
+def _py_rng_to_json(st):
+    return [st[0], list(st[1]), st[2]]
+
+
+def _py_rng_from_json(st):
+    return (st[0], tuple(st[1]), st[2])
+
+
+def write_run_files(run_dir: Path, cfg: Config, tokenizer, template: str) -> None:
+    """Resolved config plus tokenizer with the run's chat template, so the folder is self-contained."""
+    from llamatune.data.templates import to_jinja
+
+    save_config(cfg, run_dir / "config.yaml")
+    tokenizer.chat_template = to_jinja(tokenizer, template)
+    tokenizer.save_pretrained(str(run_dir))
