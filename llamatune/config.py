@@ -53,7 +53,7 @@ class ModelConfig:
     tokenizer: str | None = None
     """Take the tokenizer from this folder instead of ``model.path``."""
     dtype: str = field(default="auto", metadata=_choice("auto", "float32", "bfloat16", "float16"))
-    """Weight dtype. ``auto``: bfloat16 on GPUs that support it, float32 on CPU."""
+    """Weight dtype. ``auto``: bfloat16 on GPUs and CPUs with native bf16 (AVX512-BF16, AMX), else float32."""
     quantization: str = field(default="none", metadata=_choice("none", "8bit", "4bit"))
     """Load the frozen base in 8-bit or 4-bit (nf4 with double quantization) via bitsandbytes."""
     compute_dtype: str = field(
@@ -192,6 +192,8 @@ class TrainConfig:
     """Tokens per sample (and per packed row)."""
     packing: bool = False
     """Pack samples into ``max_length`` rows; attention never crosses sample boundaries."""
+    group_by_length: bool = True
+    """Batch samples of similar length together (shuffled in chunks), so little is padded."""
     seed: int = 42
     """Seeds data order, adapter init and dropout."""
     log_every: int = 1

@@ -147,20 +147,31 @@ def epoch_batches(
 ) -> list[dict]:
     """The micro-batches of one epoch, in a seeded order that depends only on the epoch.
 
-    Without packing, each micro-batch holds ``batch_size`` samples padded to the longest.
-    With packing, samples are packed into ``max_length`` rows, ``batch_size`` rows a batch.
+    Without packing, each micro-batch holds ``batch_size`` samples padded to the longest
+    (with ``group_by_length``, samples of similar length). With packing, samples are packed
+    into ``max_length`` rows, ``batch_size`` rows a batch.
     """
     from llamatune.data.collate import pack, packed_batch, pad_batch
 
     order = list(range(len(samples)))
+    rng = random.Random(tcfg.seed * 1_000_003 + epoch)
     if shuffle:
-        random.Random(tcfg.seed * 1_000_003 + epoch).shuffle(order)
-    ordered = [samples[i] for i in order]
+        rng.shuffle(order)
     bs = tcfg.batch_size
     if tcfg.packing:
-        rows = pack(ordered, tcfg.max_length)
+        rows = pack([samples[i] for i in order], tcfg.max_length)
         return [packed_batch(rows[i : i + bs], pad_id) for i in range(0, len(rows), bs)]
-    return [pad_batch(ordered[i : i + bs], pad_id) for i in range(0, len(ordered), bs)]
+    groups = [order[i : i + bs] for i in range(0, len(order), bs)]
+    if shuffle and tcfg.group_by_length:
+        # Sort within chunks of 64 batches so each batch holds similar lengths (little padding),
+        # then shuffle the batches so the order still looks random to the optimizer.
+        chunk = 64 * bs
+        groups = []
+        for c in range(0, len(order), chunk):
+            part = sorted(order[c : c + chunk], key=lambda i: len(samples[i]["input_ids"]))
+            groups += [part[i : i + bs] for i in range(0, len(part), bs)]
+        rng.shuffle(groups)
+    return [pad_batch([samples[i] for i in g], pad_id) for g in groups]
 
 
 def lm_loss_sum(model, batch: dict):

@@ -79,6 +79,7 @@ def _tiny_model_dir(root: Path, tokenizer, **overrides) -> Path:
     cfg = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+               initializer_range=0.2,
                eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
     cfg.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**cfg))
@@ -131,14 +132,14 @@ def alpaca_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "alpaca.jsonl", rows)
 
 
-def make_recipe(tmp_path: Path, model_dir: Path, data: Path, **sections) -> Path:
+def make_recipe(tmp_path: Path, model_dir: Path, data_path: Path, **sections) -> Path:
     """Write a recipe YAML for the tiny model."""
     import yaml
 
     cfg = {
         "model": {"path": str(model_dir)},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"path": str(data), "format": "alpaca", "template": "alpaca"},
+        "data": {"path": str(data_path), "format": "alpaca", "template": "alpaca"},
         "train": {"max_steps": 4, "batch_size": 4, "max_length": 128, "lr": 1e-2,
                   "progress": False},
         "output_dir": str(tmp_path / "run"),
@@ -148,6 +149,7 @@ def make_recipe(tmp_path: Path, model_dir: Path, data: Path, **sections) -> Path
             cfg.setdefault(key, {}).update(val)
         else:
             cfg[key] = val
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -53,7 +53,7 @@ def test_loss_falls_on_tiny_model(tmp_path, tiny_model_dir, alpaca_file):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in rows if "loss" in x]
     q = len(losses) // 4
-    assert sum(losses[-q:]) / q < 0.8 * sum(losses[:q]) / q
+    assert sum(losses[-q:]) / q < 0.9 * sum(losses[:q]) / q
 
 
 def test_accumulation_weighs_every_token_equally(tmp_path, tiny_model_dir, alpaca_file):
@@ -63,7 +63,8 @@ def test_accumulation_weighs_every_token_equally(tmp_path, tiny_model_dir, alpac
     states = []
     for i, (bs, acc) in enumerate(((4, 1), (2, 2))):
         r = _recipe(tmp_path / str(i), tiny_model_dir, alpaca_file,
-                    train={"max_steps": 1, "batch_size": bs, "grad_accum": acc, "lr": 1e-2},
+                    train={"max_steps": 1, "batch_size": bs, "grad_accum": acc, "lr": 1e-2,
+                           "group_by_length": False},
                     data={"eval_split": 0})
         r.setup()
         r.train()

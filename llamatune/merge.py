@@ -1,0 +1,533 @@
+"""Merge a run's LoRA adapter into standalone weights, and prove the merge right.
+
+``llamatune merge RUN_DIR --out DIR`` writes a folder that plain ``transformers`` loads
+with ``AutoModelForCausalLM.from_pretrained(DIR)`` (no peft, no llamatune): merged
+weights as ``model.safetensors``, a ``config.json`` without any quantization entry, the
+run's tokenizer and chat template, and a ``generation_config.json`` whose
+``eos_token_id`` lists the template's stop tokens.
+
+Which weights the adapter is added to (``--base``):
+
+* runs on a full-precision base: the original weights (``auto`` and ``original``);
+* runs on a 4-bit or 8-bit base (QLoRA): by default (``auto`` = ``dequantized``) the
+  *dequantized* quantized weights, which are the weights the adapter was trained
+  against. ``original`` adds the adapter to the full-precision original instead; that
+  model is usually close, but it is not the model that was trained.
+
+The merge itself is peft's ``merge_and_unload`` on a float32, non-quantized copy of the
+base (``W + scale * B @ A`` in float32), whatever the training precision; the result is
+cast to ``--dtype`` only when saved.
+
+Verification (on by default) loads the saved folder back and compares it, on held-out
+samples of the run's own data, with base + adapter loaded the way training saw it (the
+4-bit base for QLoRA runs). It prints the largest absolute logit difference and both
+perplexities over supervised tokens, and fails, leaving nothing at ``--out``, when:
+
+* full-precision base, float32 on both sides: any logit differs by more than ``1e-4``
+  (the merge is exact up to float32 rounding, so anything larger is a bug);
+* quantized base merged into its dequantized weights: the perplexities differ by more
+  than 0.5% (relative). The unmerged model multiplies by the quantized weights on the
+  fly and, for 8-bit, quantizes activations too, so logits agree closely but not to
+  float32 rounding; the logit difference is printed, not judged;
+* ``--dtype``/training precision below float32: rounding every weight to the lower
+  precision moves logits by far more than ``1e-4``, so the check becomes a perplexity
+  one with room for that rounding: +1% for float16, +2% for bfloat16 (added to the 0.5%
+  of a quantized base);
+* ``--base original`` on a quantized run: never fails, only prints the numbers and warns
+  about the perplexity gap. The adapter was trained against the dequantized weights, so
+  a gap there measures quantization error, not a broken merge.
+
+The folder is written under a temporary name next to ``--out`` and renamed only when
+complete and verified, so a failure (or Ctrl-C) never leaves a folder that looks usable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamatune.errors import UserError
+
+__all__ = [
+    "Check",
+    "MergeVerificationError",
+    "Verification",
+    "build_merged_model",
+    "choose_check",
+    "compare_models",
+    "dequantize_weight",
+    "held_out_samples",
+    "run_merge",
+    "write_model_folder",
+]
+
+BASES = ("auto", "dequantized", "original")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Float32 merging is exact up to rounding; a larger logit difference means a wrong merge.
+EXACT_LOGIT_TOL = 1e-4
+# Relative perplexity gap allowed for a quantized base merged into its dequantized weights.
+QUANTIZED_PPL_TOL = 0.005
+# Extra relative perplexity gap allowed when either side runs below float32.
+DTYPE_PPL_SLACK = {"float32": 0.0, "float16": 0.01, "bfloat16": 0.02}
+
+
+class MergeVerificationError(UserError):
+    """The merged model does not reproduce base + adapter within tolerance."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """The pass/fail rule verification applies."""
+
+    kind: str
+    """``logits`` (max absolute logit difference), ``perplexity`` (relative gap) or
+    ``report`` (print only, never fail)."""
+    tolerance: float
+    """The bound for ``kind``; unused for ``report``."""
+    why: str
+    """The reason this rule applies, for the printed report."""
+
+
+@dataclass
+class Verification:
+    """What verification measured, and whether it passed."""
+
+    check: Check
+    samples: int
+    source: str
+    """Where the samples came from (the eval split or, without one, training samples)."""
+    tokens: int
+    """Supervised tokens scored."""
+    max_logit_diff: float
+    ppl_merged: float
+    ppl_reference: float
+
+    @property
+    def ppl_gap(self) -> float:
+        """Relative perplexity gap ``|merged / reference - 1|``."""
+        return abs(self.ppl_merged / self.ppl_reference - 1.0)
+
+    @property
+    def passed(self) -> bool:
+        """Whether the check holds (a ``report`` check always passes)."""
+        if self.check.kind == "logits":
+            return self.max_logit_diff <= self.check.tolerance
+        if self.check.kind == "perplexity":
+            return self.ppl_gap <= self.check.tolerance
+        return True
+
+    def summary(self) -> str:
+        """The lines printed after verification."""
+        if self.check.kind == "logits":
+            rule = f"max logit difference <= {self.check.tolerance:g}"
+        elif self.check.kind == "perplexity":
+            rule = f"perplexity gap <= {100 * self.check.tolerance:g}%"
+        else:
+            rule = "report only"
+        verdict = "passed" if self.passed else "FAILED"
+        if self.check.kind == "report":
+            verdict = "not judged"
+        return (
+            f"verify: {self.samples} samples ({self.source}), {self.tokens} supervised tokens\n"
+            f"  max |logit difference|  {self.max_logit_diff:.3g}\n"
+            f"  perplexity              merged {self.ppl_merged:.4f}, base+adapter "
+            f"{self.ppl_reference:.4f} (gap {100 * self.ppl_gap:.3f}%)\n"
+            f"  check                   {rule} ({self.check.why}): {verdict}"
+        )
+
+    def as_dict(self) -> dict:
+        """JSON-able record for ``llamatune_merge.json``."""
+        return {
+            "check": dataclasses.asdict(self.check), "samples": self.samples,
+            "source": self.source, "tokens": self.tokens,
+            "max_logit_diff": self.max_logit_diff, "ppl_merged": self.ppl_merged,
+            "ppl_reference": self.ppl_reference, "passed": self.passed,
+        }
+
+
+def choose_check(quantization: str, base: str, reference_dtype: str, out_dtype: str) -> Check:
+    """The verification rule for a merge (see the module docstring for the reasoning).
+
+    Args:
+        quantization: The run's ``model.quantization`` (``none``, ``8bit``, ``4bit``).
+        base: ``dequantized`` or ``original`` (``auto`` already resolved).
+        reference_dtype: Precision base + adapter runs in (the run's dtype name).
+        out_dtype: Precision the merged model is saved and checked in.
+
+    Returns:
+        The :class:`Check` to apply.
+    """
+    if quantization != "none" and base == "original":
+        return Check("report", 0.0, f"{quantization} run merged into the full-precision "
+                     "original, which the adapter was not trained against")
+    low = [d for d in (reference_dtype, out_dtype) if d != "float32"]
+    slack = max((DTYPE_PPL_SLACK[d] for d in low), default=0.0)
+    if quantization != "none":
+        why = f"{quantization} base merged into its dequantized weights"
+        if low:
+            why += f", {' and '.join(sorted(set(low)))} rounding"
+        return Check("perplexity", QUANTIZED_PPL_TOL + slack, why)
+    if low:
+        return Check("perplexity", slack, f"{' and '.join(sorted(set(low)))} rounding")
+    return Check("logits", EXACT_LOGIT_TOL, "float32 merge into a full-precision base")
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _check_run_dir(run_dir) -> Path:
+    run = Path(run_dir).expanduser()
+    if not run.is_dir():
+        raise UserError(f"{run_dir} is not a folder; give the run directory a training stage wrote "
+                        "(the output_dir of `llamatune sft`).")
+    if (run / "config.yaml").is_file() and (run / "model.safetensors").is_file() \
+            and not (run / "adapter_config.json").is_file():
+        raise UserError(f"{run_dir} holds a full fine-tune (model.safetensors, no adapter): it is "
+                        "already standalone weights, so there is nothing to merge.")
+    missing = [f for f in ("config.yaml", "adapter_config.json", "adapter_model.safetensors")
+               if not (run / f).is_file()]
+    if missing:
+        raise UserError(
+            f"{run_dir} is not a finished llamatune run directory: {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing. Point merge at the output_dir of a "
+            "completed `llamatune sft` run (a run still training has no final adapter yet)."
+        )
+    task = json.loads((run / "adapter_config.json").read_text()).get("task_type")
+    if task not in (None, "CAUSAL_LM"):
+        raise UserError(f"{run_dir} holds a {task} adapter (a reward model?); merge writes "
+                        "causal language models and takes SFT runs.")
+    return run
+
+
+def _check_out(out) -> Path:
+    path = Path(out).expanduser()
+    if path.exists() or path.is_symlink():
+        raise UserError(f"--out {out} already exists; merge never writes into an existing path. "
+                        "Choose a new folder, or remove this one first.")
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out} cannot be created: {probe} is not a writable folder.")
+    return path
+
+
+def _run_config(run: Path):
+    from llamatune.config import ConfigError, load_config
+
+    try:
+        return load_config(run / "config.yaml")
+    except ConfigError as e:
+        raise UserError(f"{run}/config.yaml is not a valid run config: {e}") from None
+
+
+def _resolve_base(base: str, quantization: str) -> str:
+    if base not in BASES:
+        raise UserError(f"--base {base!r} is not one of {', '.join(BASES)}.")
+    if quantization == "none":
+        if base == "dequantized":
+            print("note: the run's base was not quantized, so --base dequantized is the "
+                  "original weights", flush=True)
+        return "original"
+    return "dequantized" if base == "auto" else base
+
+
+def _load_reference(cfg, run: Path):
+    """Base + adapter exactly as training saw it (quantized base included), for inference."""
+    from llamatune.model import load_model
+
+    mcfg = dataclasses.replace(cfg.model, gradient_checkpointing=False, tokenizer=str(run),
+                               adapter=None)
+    return load_model(mcfg, None, adapter=str(run), trainable=False)
+
+
+def dequantize_weight(module):
+    """The float32 weight a bitsandbytes layer multiplies by.
+
+    Args:
+        module: A ``bitsandbytes.nn.Linear4bit`` or ``Linear8bitLt``.
+
+    Returns:
+        A float32 tensor ``[out_features, in_features]`` on the module's device.
+
+    Raises:
+        TypeError: Not a bitsandbytes linear layer.
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    w = module.weight
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnbf.dequantize_4bit(w.data, w.quant_state).float()
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        # The row scales live on the parameter until the first forward moves them to the state.
+        scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+        return bnbf.int8_vectorwise_dequant(w.data, scb).float()
+    raise TypeError(f"{type(module).__name__} is not a bitsandbytes linear layer")
+
+
+def _quantized_layers(model) -> list[tuple[str, object]]:
+    """``(name in the plain model, bnb layer)`` for every quantized linear layer."""
+    import bitsandbytes as bnb
+
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            # peft wraps a quantized layer and keeps it as `.base_layer`.
+            out.append((name.replace(".base_layer", ""), mod))
+    return out
+
+
+def build_merged_model(cfg, run: Path, folder: str, base: str, reference=None):
+    """A plain float32 model on the CPU with the run's adapter merged in.
+
+    Args:
+        cfg: The run's config.
+        run: The run directory (its adapter is loaded from there).
+        folder: The resolved base-model folder.
+        base: ``original`` or ``dequantized``.
+        reference: The quantized base + adapter (a :class:`~llamatune.model.Loaded`, needed
+            for ``dequantized``): its quantized layers supply the dequantized weights, so they
+            are bit for bit those training used.
+
+    Returns:
+        A ``transformers`` model without LoRA layers.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llamatune.model import unwrap_model
+
+    # The full-precision original: every weight the quantizer does not touch (embeddings,
+    # norms, the head) comes from here, and all of it for --base original.
+    plain = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation)
+    if base == "dequantized":
+        layers = _quantized_layers(unwrap_model(reference.model))
+        if not layers:
+            raise RuntimeError("a quantized run's base loaded without quantized layers")
+        with torch.no_grad():
+            for name, mod in layers:
+                target = plain.get_submodule(name).weight
+                target.copy_(dequantize_weight(mod).to(target.device).reshape(target.shape))
+    # peft on a float32 nn.Linear base: W + scale * B @ A in float32, DoRA/rsLoRA included.
+    model = PeftModel.from_pretrained(plain, str(run), is_trainable=False)
+    return model.merge_and_unload(safe_merge=True)
+
+
+def write_model_folder(folder: Path, model, tokenizer, template: str, dtype) -> None:
+    """Save a merged model so plain ``transformers`` loads it and chats in the run's template.
+
+    Args:
+        folder: Where to write (created).
+        model: The merged ``transformers`` model.
+        tokenizer: The run's tokenizer (pad token and chat template set).
+        template: The run's template name; its stop tokens become ``eos_token_id``.
+        dtype: The torch dtype to save in.
+    """
+    from transformers import GenerationConfig
+
+    from llamatune.data.templates import stop_token_ids, to_jinja
+
+    model.to(dtype)
+    config = model.config
+    # A loader that sees quantization_config re-quantizes (or demands bitsandbytes).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.pad_token_id = tokenizer.pad_token_id
+    config.use_cache = True
+    gen = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(config)
+    gen.eos_token_id = stop_token_ids(tokenizer, template)
+    gen.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.bos_token_id is not None:
+        gen.bos_token_id = tokenizer.bos_token_id
+    model.generation_config = gen
+    if not getattr(tokenizer, "chat_template", None):
+        # Run folders written by llamatune always carry one; rebuild it for older runs.
+        tokenizer.chat_template = to_jinja(tokenizer, template)
+    folder.mkdir(parents=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+
+
+def held_out_samples(cfg, tokenizer, n: int) -> tuple[list[dict], str]:
+    """Up to ``n`` tokenized samples of the run's data, held out where the run held any out.
+
+    Returns:
+        ``(samples, source)``; ``source`` says where they came from.
+
+    Raises:
+        UserError: The run's data cannot be read from here.
+    """
+    from llamatune.recipes.sft import prepare_data
+
+    try:
+        train, evals, _ = prepare_data(cfg, tokenizer, None)
+    except UserError as e:
+        raise UserError(
+            f"verification needs the run's data (data.path {cfg.data.path}), which failed to "
+            f"load: {e} Run merge from the folder training ran in, or skip the check with "
+            "--no-verify."
+        ) from None
+    if evals:
+        return evals[:n], "eval split"
+    return train[:n], "training samples: the run held out no eval split"
+
+
+def _logits(model, ids, device):
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                    use_cache=False)
+    return out.logits[0].float().cpu()
+
+
+def compare_models(merged, reference, samples: list[dict], reference_device: str = "cpu",
+                   merged_device: str = "cpu") -> tuple[float, float, float, int]:
+    """Run both models on the samples, one at a time (no padding to disagree about).
+
+    Returns:
+        ``(max_abs_logit_diff, ppl_merged, ppl_reference, supervised_tokens)``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    max_diff, nll_m, nll_r, count = 0.0, 0.0, 0.0, 0
+    for s in samples:
+        ids = torch.tensor([s["input_ids"]])
+        labels = torch.tensor(s["labels"][1:])
+        mask = labels != -100
+        lm = _logits(merged, ids, merged_device)
+        lr = _logits(reference, ids, reference_device)
+        max_diff = max(max_diff, float((lm - lr).abs().max()))
+        nll_m += float(F.cross_entropy(lm[:-1][mask], labels[mask], reduction="sum"))
+        nll_r += float(F.cross_entropy(lr[:-1][mask], labels[mask], reduction="sum"))
+        count += int(mask.sum())
+    if count == 0:
+        raise UserError("verification found no supervised tokens in the samples.")
+    return max_diff, math.exp(nll_m / count), math.exp(nll_r / count), count
+
+
+def _verify(folder: Path, reference, cfg, check: Check, dtype, n: int) -> Verification:
+    """Load the saved folder with plain transformers and compare it with base + adapter."""
+    from transformers import AutoModelForCausalLM
+
+    samples, source = held_out_samples(cfg, reference.tokenizer, n)
+    merged = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+    merged.eval()
+    diff, ppl_m, ppl_r, tokens = compare_models(merged, reference.model, samples,
+                                                reference.device)
+    return Verification(check, len(samples), source, tokens, diff, ppl_m, ppl_r)
+
+
+def _tmp_name(out: Path) -> Path:
+    return out.with_name(f".{out.name}.merging-{os.getpid()}")
+
+
+def run_merge(run_dir, out, base: str = "auto", dtype: str | None = None, verify: bool = True,
+              samples: int = 8) -> int:
+    """Merge a run's adapter into standalone weights at ``out`` (``llamatune merge``).
+
+    Args:
+        run_dir: A finished SFT run directory (config.yaml + adapter + tokenizer).
+        out: The folder to create; must not exist.
+        base: ``auto`` (dequantized weights for quantized runs, else the original),
+            ``dequantized`` or ``original``.
+        dtype: Saved precision (``float32``, ``bfloat16``, ``float16``); ``None``: the run's
+            model dtype (float32 on CPU).
+        verify: Compare the saved model with base + adapter before publishing it.
+        samples: How many held-out samples verification uses.
+
+    Returns:
+        The exit code (0).
+
+    Raises:
+        UserError: Bad arguments or run directory, ``out`` exists, or the data for
+            verification is missing.
+        MergeVerificationError: The merged model failed verification; nothing is at ``out``.
+    """
+    import gc
+
+    from llamatune.model import load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
+
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    if verify and samples < 1:
+        raise UserError(f"--samples must be at least 1 (got {samples}); use --no-verify to skip "
+                        "the check.")
+    run = _check_run_dir(run_dir)
+    out_path = _check_out(out)
+    cfg = _run_config(run)
+    q = cfg.model.quantization
+    mode = _resolve_base(base, q)
+    folder = resolve_model_path(cfg.model.path)
+    run_dtype = _dtype_name(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device)))
+    out_dtype = dtype or run_dtype
+    print(f"merge: {run} ({cfg.model.path}, quantization {q}) into the "
+          f"{'dequantized ' + q if mode == 'dequantized' else 'original'} weights, "
+          f"saved as {out_dtype}", flush=True)
+    if q != "none" and mode == "original":
+        print(f"warning: the adapter was trained against the {q} weights; merging it into the "
+              "full-precision original gives a model that was never trained as such. "
+              "Verification reports the gap but does not fail on it.", file=sys.stderr, flush=True)
+
+    reference = _load_reference(cfg, run) if (verify or mode == "dequantized") else None
+    tokenizer = reference.tokenizer if reference is not None else load_tokenizer(
+        dataclasses.replace(cfg.model, tokenizer=str(run)), folder)
+    tmp = _tmp_name(out_path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged = build_merged_model(cfg, run, folder, mode, reference)
+        write_model_folder(tmp, merged, tokenizer, cfg.data.template, _torch_dtype(out_dtype))
+        del merged
+        gc.collect()
+        record = {"run_dir": str(run.resolve()), "base_model": cfg.model.path,
+                  "quantization": q, "base": mode, "dtype": out_dtype}
+        if verify:
+            check = choose_check(q, mode, run_dtype, out_dtype)
+            result = _verify(tmp, reference, cfg, check, _torch_dtype(out_dtype), samples)
+            print(result.summary(), flush=True)
+            if not result.passed:
+                raise MergeVerificationError(
+                    f"the merged model does not reproduce {run} (base + adapter): "
+                    f"max logit difference {result.max_logit_diff:.3g}, perplexity "
+                    f"{result.ppl_merged:.4f} vs {result.ppl_reference:.4f} "
+                    f"({100 * result.ppl_gap:.3f}% apart); the rule is {check.kind} within "
+                    f"{check.tolerance:g} ({check.why}). Nothing was written to {out}. If "
+                    "you changed the base model files since training, merge against the "
+                    "originals; otherwise report this as a bug."
+                )
+            if check.kind == "report":
+                print(f"warning: perplexity gap {100 * result.ppl_gap:.3f}% against the model "
+                      "the adapter was trained with (not judged: --base original).",
+                      file=sys.stderr, flush=True)
+            record["verification"] = result.as_dict()
+        (tmp / "llamatune_merge.json").write_text(json.dumps(record, indent=2) + "\n")
+        if out_path.exists():
+            raise UserError(f"--out {out} appeared while merging; the merged model is not "
+                            "written over it.")
+        os.replace(tmp, out_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"merged model written to {out_path}; it loads with "
+          f"AutoModelForCausalLM.from_pretrained({str(out_path)!r})", flush=True)
+    return 0
