@@ -224,10 +224,12 @@ class MetricsWriter:
 
 
 class Progress:
-    """A tqdm bar with step, loss, tokens/s and ETA (or quiet lines when disabled)."""
+    """A tqdm bar with step, loss, tokens/s and ETA; plain lines every 10 steps when disabled."""
 
-    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str, every: int = 10):
         self.bar = None
+        self.total, self.step, self.every, self.desc = total, initial, every, desc
+        self.start, self.start_step = time.perf_counter(), initial
         if enabled:
             from tqdm.auto import tqdm
 
@@ -235,10 +237,17 @@ class Progress:
 
     def update(self, **fields) -> None:
         """Advance one step and show the latest figures."""
+        self.step += 1
         if self.bar is not None:
             self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
                                   for k, v in fields.items()}, refresh=False)
             self.bar.update(1)
+        elif self.step % self.every == 0 or self.step == self.total:
+            done = self.step - self.start_step
+            eta = (time.perf_counter() - self.start) / max(done, 1) * (self.total - self.step)
+            figures = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in fields.items())
+            print(f"{self.desc} step {self.step}/{self.total} {figures} eta {eta:.0f}s", flush=True)
 
     def write(self, msg: str) -> None:
         """Print a line without breaking the bar."""

@@ -31,3 +31,15 @@ def test_sft_on_default_model_then_generate(tmp_path, capsys):
                 "--max-new-tokens", "24"]) == 0
     out = capsys.readouterr().out
     assert "Paris" in out
+
+
+def test_vicuna_multi_turn_llama2_template_loss_falls(tmp_path):
+    run = tmp_path / "run"
+    code = cli(["sft", "recipes/vicuna.yaml", f"output_dir={run}", "train.max_steps=8",
+                "train.batch_size=4", "train.grad_accum=1", "train.lr=1e-3",
+                "train.warmup_steps=0", "data.max_samples=32", "train.eval_every=0",
+                "train.save_every=0", "train.progress=false"])
+    assert code == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert sum(losses[-2:]) < sum(losses[:2])

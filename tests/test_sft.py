@@ -153,3 +153,15 @@ def test_ls_cp_validate(tmp_path, tiny_model_dir, alpaca_file, capsys):
     assert "ok" in capsys.readouterr().out
     assert cli(["ls", "--templates"]) == 0
     assert "llama2" in capsys.readouterr().out
+
+
+def test_chat_session(tmp_path, tiny_model_dir, alpaca_file, capsys, monkeypatch):
+    import io
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, alpaca_file)
+    assert cli(["sft", str(recipe), "train.max_steps=1"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("tell me about cat\n/reset\nhello\n/exit\n"))
+    capsys.readouterr()
+    assert cli(["chat", str(tmp_path / "run"), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("bot> ") == 2
