@@ -577,10 +577,16 @@ class MemoryEstimate:
             keeps 16-bit weights.
         activations: Saved activations under the chosen checkpointing setting.
         activations_no_checkpointing: Saved activations without checkpointing.
-        activations_checkpointing: Saved activations with per-layer checkpointing.
+        activations_checkpointing: With per-layer checkpointing: every layer's input plus one
+            recomputed layer.
         per_layer_activations: What one decoder layer saves without checkpointing.
         logits: The loss buffers at the start of the backward pass.
-        total: The sum of the above (the peak of a training step).
+        backward_workspace: Gradient buffers of one layer's backward beyond what that layer
+            has already freed (eager attention's ``heads x seq^2`` gradients; 0 for SDPA).
+        total: The peak of a training step: weights + adapters + gradients + optimizer state +
+            activations + the larger of :attr:`logits` and the layer-backward phase
+            (:attr:`backward_workspace`, plus one recomputed layer with checkpointing), which
+            are live at different times.
         inference_4bit: nf4 inference at ``batch x seq``: component -> bytes, with ``total``.
         assumptions: Plain-language assumptions behind the numbers.
     """
@@ -604,6 +610,7 @@ class MemoryEstimate:
     activations_checkpointing: int
     per_layer_activations: int
     logits: int
+    backward_workspace: int
     total: int
     inference_4bit: dict[str, int] = field(default_factory=dict)
     assumptions: list[str] = field(default_factory=list)
@@ -668,8 +675,13 @@ def _layer_bytes(
     on_cuda: bool,
     eager: bool,
     repeat_kv: bool,
-) -> tuple[int, bool]:
-    """Saved bytes per token of one decoder layer, and whether its output requires grad."""
+) -> tuple[int, bool, int]:
+    """Saved bytes per token of one decoder layer.
+
+    Returns:
+        The bytes, whether the layer output requires grad, and the bytes saved by the MLP
+        block alone (post-attention norm onwards).
+    """
     h, m, a = d.hidden, d.mlp, d.heads
     kw = dict(full=full, targets=targets, p=p, r=r, dropout=dropout, on_cuda=on_cuda)
     total, r_n1 = _norm_bytes(h, input_grad, full, p)
@@ -693,13 +705,14 @@ def _layer_bytes(
                                   input_already_saved=out_saved)
     r_h1 = input_grad or attn_grad or full or "o_proj" in targets
     norm2, r_n2 = _norm_bytes(h, r_h1, full, p)
-    total += norm2 + _linear_inputs_bytes(h, r_n2, ("gate_proj", "up_proj"), **kw)
+    mlp_block = norm2 + _linear_inputs_bytes(h, r_n2, ("gate_proj", "up_proj"), **kw)
     r_gate = r_n2 or full or "gate_proj" in targets
     r_up = r_n2 or full or "up_proj" in targets
     # SiLU keeps the gate output; the product keeps SiLU(gate) and up.
-    total += p * m * (2 * r_gate + r_up)
-    total += _linear_inputs_bytes(m, r_gate or r_up, ("down_proj",), **kw)
-    return total, r_h1 or r_gate or r_up or full or "down_proj" in targets
+    mlp_block += p * m * (2 * r_gate + r_up)
+    mlp_block += _linear_inputs_bytes(m, r_gate or r_up, ("down_proj",), **kw)
+    out_grad = r_h1 or r_gate or r_up or full or "down_proj" in targets
+    return total + mlp_block, out_grad, mlp_block
 
 
 def _activation_bytes(
@@ -716,15 +729,20 @@ def _activation_bytes(
     eager: bool,
     repeat_kv: bool,
     checkpointing: bool,
-) -> tuple[int, int, int]:
-    """``(saved activations without the loss, one full layer, loss buffers)`` in bytes."""
+) -> tuple[int, int, int, int]:
+    """Activation bytes for a batch.
+
+    Returns:
+        Saved activations (loss excluded), one full layer, the loss buffers, and the backward
+        workspace of one layer beyond what that layer has already freed.
+    """
     tokens = batch * seq
     kw = dict(full=full, targets=targets, p=p, r=r, dropout=dropout, on_cuda=on_cuda,
               eager=eager, repeat_kv=repeat_kv)
     # Under LoRA the frozen embeddings produce a hidden state without grad; with checkpointing
     # llamatune calls enable_input_require_grads(), so every layer input requires grad.
-    first, grad = _layer_bytes(d, seq, input_grad=full or checkpointing, **kw)
-    rest, _ = _layer_bytes(d, seq, input_grad=True, **kw)
+    first, grad, _ = _layer_bytes(d, seq, input_grad=full or checkpointing, **kw)
+    rest, _, mlp_block = _layer_bytes(d, seq, input_grad=True, **kw)
     if d.layers > 1:
         grad = True
     if checkpointing:
@@ -741,7 +759,11 @@ def _activation_bytes(
     # The backward pass starts with three float32 batch x seq x vocab tensors: the log-softmax
     # output (saved by the forward), its gradient and the gradient of the logits.
     loss = 3 * 4 * tokens * d.vocab
-    return saved, tokens * rest, loss
+    # Eager attention's backward holds the gradients of the fp32 scores and of the
+    # probabilities (4 + p bytes per head and key position) once the layer's MLP block has
+    # freed its saved tensors; SDPA's backward buffers are smaller than that block.
+    workspace = max(0, (4 + p) * d.heads * seq - mlp_block) if eager else 0
+    return saved, tokens * rest, loss, tokens * workspace
 
 
 def _inference_4bit(d: _Dims, pc: ParamBreakdown, batch: int, seq: int) -> dict[str, int]:
@@ -864,10 +886,17 @@ def estimate_memory(
 
     kw = dict(full=full, targets=targets, p=p, r=r, dropout=0.0 if full else lora_dropout,
               on_cuda=on_cuda, eager=attn_implementation == "eager", repeat_kv=padding_mask)
-    act_plain, per_layer, logits = _activation_bytes(d, batch, seq, checkpointing=False, **kw)
-    act_ckpt, _, _ = _activation_bytes(d, batch, seq, checkpointing=True, **kw)
+    act_plain, per_layer, logits, workspace = _activation_bytes(
+        d, batch, seq, checkpointing=False, **kw)
+    act_ckpt = _activation_bytes(d, batch, seq, checkpointing=True, **kw)[0]
     activations = act_ckpt if gradient_checkpointing else act_plain
-    total = weights + adapters + gradients + optimizer_state + activations + logits
+    # The loss buffers are freed before the first layer's backward (and, with checkpointing,
+    # before its recomputation): count the larger of the two phases.
+    if gradient_checkpointing:
+        peak_activations = activations - per_layer + max(logits, per_layer + workspace)
+    else:
+        peak_activations = activations + max(logits, workspace)
+    total = weights + adapters + gradients + optimizer_state + peak_activations
 
     dtype_name = {2: "bf16/fp16", 4: "fp32"}[wb]
     assumptions = [
@@ -905,13 +934,14 @@ def estimate_memory(
         "its gradient, the logits' gradient) live at the start of the backward pass; the "
         "caller drops `outputs.logits` before backward (as the Trainer does).",
         (
-            "gradient checkpointing: one checkpoint per decoder layer (non-reentrant), each "
-            "layer keeps its input, one layer is recomputed at a time (counted together with "
-            "the loss buffers: an upper bound)."
+            "gradient checkpointing: one non-reentrant checkpoint per decoder layer; each "
+            "layer keeps its input and one layer is recomputed at a time."
         ) if gradient_checkpointing else "no gradient checkpointing.",
-        "total = weights + adapters + gradients + optimizer state + activations + loss "
-        "buffers; without gradient accumulation the gradients of full fine-tuning build up "
-        "while activations are freed, so the true peak is somewhat lower; optimizer-step "
+        "total = weights + adapters + gradients + optimizer state + activations + the larger "
+        "of the loss buffers and the layer-backward phase (eager attention's seq^2 gradients, "
+        "the recomputed layer with checkpointing), which are live at different times. "
+        "Gradients count in full even though, without gradient accumulation, they build up "
+        "while activations are freed (an upper bound for full fine-tuning); optimizer-step "
         "temporaries are not counted.",
         "4-bit inference: nf4 + double quantization for block linears, embeddings/head/norms "
         "in 16-bit, a bf16 KV cache for batch*seq tokens, and a prefill working set (one "
@@ -937,6 +967,7 @@ def estimate_memory(
         activations_checkpointing=act_ckpt,
         per_layer_activations=per_layer,
         logits=logits,
+        backward_workspace=workspace,
         total=total,
         inference_4bit=_inference_4bit(d, pc, batch, seq),
         assumptions=assumptions,

@@ -3,6 +3,7 @@
 import json
 
 from conftest import make_recipe, write_jsonl
+
 from llamatune.cli import main as cli
 
 CONVS = [
