@@ -171,8 +171,6 @@ def tokenize_conversations(
             if cut:
                 stats.truncated -= 1
             continue
-        if not cut:
-            pass
         samples.append({"input_ids": ids, "labels": labels})
         stats.samples += 1
         stats.tokens += len(ids)
