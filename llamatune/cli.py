@@ -90,10 +90,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("estimate", help="training and inference memory estimate")
     p.add_argument("target", help="built-in name, config.json, model folder or recipe")
-    p.add_argument("--method", choices=["full", "lora", "qlora"], default="lora")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--method", choices=["full", "lora", "qlora"], default=None,
+                   help="default: from the recipe, else lora")
+    p.add_argument("--batch", type=int, default=None, help="default: from the recipe, else 1")
+    p.add_argument("--seq", type=int, default=None, help="default: from the recipe, else 512")
+    p.add_argument("--lora-r", type=int, default=None, help="default: from the recipe, else 16")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    default=None)
     p.add_argument("--json", action="store_true")
@@ -298,3 +299,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"llamatune {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `llamatune params ... | head`
+        sys.stderr.close()
+        return 0
