@@ -68,6 +68,11 @@ def load_for_inference(path: str, device: str = "auto") -> Chatbot:
 
     p = Path(path).expanduser()
     if (p / "config.yaml").is_file() and (p / "adapter_config.json").is_file():
+        import json
+
+        if json.loads((p / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS":
+            raise UserError(f"{path} is a reward model (llamatune rm); score answers with "
+                            "`llamatune score`, it does not generate.")
         cfg = _run_config(p)
         mcfg = dataclasses.replace(cfg.model, device=device if device != "auto" else
                                    cfg.model.device, gradient_checkpointing=False,

@@ -336,9 +336,18 @@ def load_model(
 
     try:
         if task == "reward":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                folder, num_labels=1, **kwargs
-            )
+            # A causal-LM checkpoint has no score head (MISSING) and an unused lm_head
+            # (UNEXPECTED); both are expected, so the load report would only alarm users.
+            from transformers.utils import logging as hf_logging
+
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    folder, num_labels=1, **kwargs
+                )
+            finally:
+                hf_logging.set_verbosity(level)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as e:

@@ -100,7 +100,9 @@ def pair_batches(samples: list[dict], tcfg, epoch: int, pad_id: int,
     """The micro-batches of one epoch: ``batch_size`` pairs, chosen sides first, then rejected.
 
     The order is seeded like :func:`llamatune.training.epoch_batches` (it depends only on the
-    seed and the epoch), so a resumed run sees the same batches.
+    seed and the epoch), so a resumed run sees the same batches; with ``group_by_length``
+    a batch holds pairs of similar length (both sides share one padded tensor, so a pair's
+    longer side is what counts).
 
     Returns:
         Dicts with ``input_ids``, ``attention_mask`` (right padding) and ``n_real``; rows
@@ -108,15 +110,28 @@ def pair_batches(samples: list[dict], tcfg, epoch: int, pad_id: int,
     """
     from llamatune.data.collate import pad_batch
 
+    def longer(i: int) -> int:
+        return max(len(samples[i]["chosen_ids"]), len(samples[i]["rejected_ids"]))
+
     order = list(range(len(samples)))
+    rng = random.Random(tcfg.seed * 1_000_003 + epoch)
     if shuffle:
-        random.Random(tcfg.seed * 1_000_003 + epoch).shuffle(order)
+        rng.shuffle(order)
     bs = tcfg.batch_size
+    groups = [order[i : i + bs] for i in range(0, len(order), bs)]
+    if shuffle and tcfg.group_by_length:
+        # Sort within chunks of 64 batches so each batch holds similar lengths (little padding),
+        # then shuffle the batches so the order still looks random to the optimizer.
+        chunk = 64 * bs
+        groups = []
+        for c in range(0, len(order), chunk):
+            part = sorted(order[c : c + chunk], key=longer)
+            groups += [part[i : i + bs] for i in range(0, len(part), bs)]
+        rng.shuffle(groups)
     out = []
-    for i in range(0, len(order), bs):
-        chunk = [samples[j] for j in order[i : i + bs]]
-        rows = ([{"input_ids": s["chosen_ids"]} for s in chunk]
-                + [{"input_ids": s["rejected_ids"]} for s in chunk])
+    for g in groups:
+        rows = ([{"input_ids": samples[i]["chosen_ids"]} for i in g]
+                + [{"input_ids": samples[i]["rejected_ids"]} for i in g])
         b = pad_batch(rows, pad_id)
         out.append({k: b[k] for k in ("input_ids", "attention_mask", "n_real")})
     return out
@@ -437,8 +452,8 @@ class RewardRecipe:
         for f in tmp.iterdir():
             os.replace(f, self.run_dir / f.name)
         tmp.rmdir()
-        print(f"saved reward adapter, score head, tokenizer and config to {self.run_dir}",
-              flush=True)
+        what = "reward adapter, score head" if self.cfg.lora.enabled else "reward model"
+        print(f"saved {what}, tokenizer and config to {self.run_dir}", flush=True)
 
 
 def main(cfg: Config, recipe_path: str | None = None) -> int:

