@@ -30,11 +30,13 @@ perplexities over supervised tokens, and fails, leaving nothing at ``--out``, wh
   which would fail correct merges. In float64 what is left is the float32 rounding of
   the merged weights (2.0e-5 on the same run), so anything near ``1e-4`` is a real error;
 * quantized base merged into its dequantized weights: the perplexities differ by more
-  than 0.5% (relative) for 4-bit, 1% for 8-bit. The unmerged 4-bit model multiplies by
+  than 0.5% (relative) for 4-bit, 3% for 8-bit. The unmerged 4-bit model multiplies by
   the same dequantized weights, but on the fly and in a different order, so logits agree
-  closely without being bit-exact; the logit difference is printed, not judged. 8-bit
-  (LLM.int8) also rounds the *activations* to int8 at run time, which the merged model
-  rightly does not, hence its wider bound;
+  closely without being bit-exact (about 1e-4 on the default model); the logit
+  difference is printed, not judged. 8-bit (LLM.int8) also rounds the *activations* to
+  int8 (via float16) at run time, which the merged model rightly does not: on the
+  default model that alone moved perplexity by 1.4% (the merged model being the better
+  one) and logits by up to 4, hence the wider bound;
 * ``--dtype``/training precision below float32: rounding every weight to the lower
   precision moves logits by far more than ``1e-4``, so the check becomes a perplexity
   one with room for that rounding: +1% for float16, +2% for bfloat16 (added to the bound
@@ -80,7 +82,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Max logit difference (evaluated in float64) of a float32 merge into a full-precision base.
 EXACT_LOGIT_TOL = 1e-4
 # Relative perplexity gap allowed for a quantized base merged into its dequantized weights.
-QUANTIZED_PPL_TOL = {"4bit": 0.005, "8bit": 0.01}
+QUANTIZED_PPL_TOL = {"4bit": 0.005, "8bit": 0.03}
 # Extra relative perplexity gap allowed when either side runs below float32.
 DTYPE_PPL_SLACK = {"float32": 0.0, "float16": 0.01, "bfloat16": 0.02}
 
@@ -553,7 +555,7 @@ def run_merge(run_dir, out, base: str = "auto", dtype: str | None = None, verify
     tokenizer = load_tokenizer(dataclasses.replace(cfg.model, tokenizer=str(run)), folder)
     if not getattr(tokenizer, "chat_template", None):
         # Run folders written by llamatune always carry one; rebuild it for older runs.
-        tokenizer.chat_template = to_jinja(tokenizer, cfg.data.template)
+        tokenizer.chat_template = to_jinja(tokenizer, cfg.data.template, cfg.data.system)
     problem = chat_template_problem(tokenizer, cfg.data.template, cfg.data.system)
     if problem:
         print(f"warning: {problem}; chat through apply_chat_template will not match training "

@@ -376,5 +376,5 @@ def write_run_files(run_dir: Path, cfg: Config, tokenizer, template: str) -> Non
     from llamatune.data.templates import to_jinja
 
     save_config(cfg, run_dir / "config.yaml")
-    tokenizer.chat_template = to_jinja(tokenizer, template)
+    tokenizer.chat_template = to_jinja(tokenizer, template, cfg.data.system)
     tokenizer.save_pretrained(str(run_dir))

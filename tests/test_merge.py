@@ -226,7 +226,7 @@ def test_choose_check_rules():
     assert bf16.kind == "perplexity" and bf16.tolerance == pytest.approx(0.02)
     assert merge.choose_check("4bit", "dequantized", "bfloat16", "float32").tolerance == \
         pytest.approx(0.025)
-    assert merge.choose_check("8bit", "dequantized", "float32", "float32").tolerance == 0.01
+    assert merge.choose_check("8bit", "dequantized", "float32", "float32").tolerance == 0.03
 
 
 def test_chat_template_problem_names_the_difference(lora_run):

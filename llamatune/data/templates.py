@@ -459,22 +459,31 @@ def _jinja_text(fmt: str, var: str, strip: bool) -> str:
     return out
 
 
-def to_jinja(tokenizer, template: Template | str) -> str:
+def to_jinja(tokenizer, template: Template | str, system: str | None = None) -> str:
     """A Jinja chat template that renders exactly what :func:`render` renders.
 
     Saved with the tokenizer in run directories and merged models, so
     ``tokenizer.apply_chat_template`` reproduces the training format without llamatune.
+
+    Args:
+        tokenizer: The tokenizer (its BOS convention decides whether the template adds BOS).
+        template: A :class:`Template` or its name.
+        system: The run's ``data.system``: the system prompt of conversations without one
+            (``None``: the template's default, as in :func:`render`).
     """
     tpl = get_template(template) if isinstance(template, str) else template
     if tpl.name == "tokenizer":
         return tokenizer.chat_template
     if tpl.llama2:
+        default = "''" if not system else (
+            "'<<SYS>>\\n' + " + _jinja_str(system) + " + '\\n<</SYS>>\\n\\n'")
         return (
             "{% if messages[0]['role'] == 'system' %}"
             "{% set loop_messages = messages[1:] %}"
             "{% set system_message = '<<SYS>>\\n' + messages[0]['content'] + "
             "'\\n<</SYS>>\\n\\n' %}"
-            "{% else %}{% set loop_messages = messages %}{% set system_message = '' %}"
+            "{% else %}{% set loop_messages = messages %}"
+            "{% set system_message = " + default + " %}"
             "{% endif %}"
             "{% for message in loop_messages %}"
             "{% if message['role'] == 'user' %}"
@@ -495,7 +504,9 @@ def to_jinja(tokenizer, template: Template | str) -> str:
         "{% else %}",
         "{% set loop_messages = messages %}",
     ]
-    if tpl.default_system_with_input:
+    if system is not None:
+        parts.append(f"{{% set system_message = {_jinja_str(system)} %}}")
+    elif tpl.default_system_with_input:
         parts.append(
             "{% if loop_messages and loop_messages[0].get('input') %}"
             f"{{% set system_message = {_jinja_str(tpl.default_system_with_input)} %}}"
