@@ -17,6 +17,7 @@ class BuildWithShipped(build_py):
     """Copy recipes/*.yaml and datasets/*.jsonl into the built package."""
 
     def run(self):
+        """Build as usual, then copy the shipped files next to the package."""
         super().run()
         root = Path(__file__).parent
         for src, pattern in (("recipes", "*.yaml"), ("datasets", "*.jsonl")):
