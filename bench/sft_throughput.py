@@ -86,21 +86,23 @@ MIN_MFU = 0.40  # llamatune model FLOP/s over the measured matmul peak
 LOSS_TOL = 0.02  # llamatune final loss against trl-fp32-pad
 
 # Each variant: the SFTConfig knobs it sets on top of the shared ones ("bf16": "auto" follows
-# the hardware, True needs fast bf16), its group letter and a one-line description.
+# the hardware, True needs fast bf16), whether it is fed llamatune's batches ("same_batches":
+# the same samples in every step, in the same order, which is also the least padding a padded
+# run can have, and makes its losses comparable step for step), its group letter and a
+# one-line description.
 VARIANTS = {
-    "trl-default": {"group": "a", "bf16": "auto", "trl": {},
+    "trl-default": {"group": "a", "bf16": "auto", "trl": {}, "same_batches": False,
                     "about": "trl defaults: grad checkpointing, padding, random order"},
-    "trl-fp32-pad": {"group": "b", "bf16": False,
-                     "trl": {"gradient_checkpointing": False,
-                             "train_sampling_strategy": "group_by_length"},
-                     "about": "fp32, padded batches grouped by length, no checkpointing"},
-    "trl-fp32-pf": {"group": "b", "bf16": False,
+    "trl-fp32-pad": {"group": "b", "bf16": False, "same_batches": True,
+                     "trl": {"gradient_checkpointing": False},
+                     "about": "fp32, padded, llamatune's length-grouped batches, no checkpointing"},
+    "trl-fp32-pf": {"group": "b", "bf16": False, "same_batches": True,
                     "trl": {"gradient_checkpointing": False, "padding_free": True},
-                    "about": "fp32, padding_free, no checkpointing"},
-    "trl-bf16-pf": {"group": "b", "bf16": True,
+                    "about": "fp32, padding_free, llamatune's batches, no checkpointing"},
+    "trl-bf16-pf": {"group": "b", "bf16": True, "same_batches": True,
                     "trl": {"gradient_checkpointing": False, "padding_free": True},
-                    "about": "bf16 autocast, padding_free, no checkpointing"},
-    "trl-fp32-pack": {"group": "x", "bf16": False,
+                    "about": "bf16 autocast, padding_free, llamatune's batches, no checkpointing"},
+    "trl-fp32-pack": {"group": "x", "bf16": False, "same_batches": False,
                       "trl": {"gradient_checkpointing": False, "packing": True},
                       "about": "fp32, packed max_length rows (fewer, larger steps)"},
     "llamatune": {"group": "c", "bf16": None, "trl": None,
@@ -291,6 +293,30 @@ def child_llamatune(spec: dict, t_start: float) -> dict:
     return res
 
 
+def _llamatune_order(samples: list[dict], tc, pad_id: int) -> list[int] | None:
+    """Sample indices in the order llamatune's epoch-0 batches hold them.
+
+    Fed to a sequential sampler with the same batch size, they give trl llamatune's batches.
+
+    Returns:
+        The order, or ``None`` when a batch other than the last is short (then consecutive
+        groups of ``batch_size`` would not reproduce the batches).
+    """
+    from llamatune import training
+
+    where: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        where.setdefault(tuple(s["input_ids"]), []).append(i)
+    batches = training.epoch_batches(samples, tc, 0, pad_id)
+    order = []
+    for k, b in enumerate(batches):
+        if k < len(batches) - 1 and b["input_ids"].shape[0] != tc.batch_size:
+            return None
+        for row, mask in zip(b["input_ids"], b["attention_mask"]):
+            order.append(where[tuple(row[: int(mask.sum())].tolist())].pop())
+    return order
+
+
 class _CountingCollator:
     """Wraps trl's collator to count the positions (padding included) each batch holds."""
 
@@ -324,15 +350,26 @@ def child_trl(spec: dict, t_start: float) -> dict:
         folder = resolve_model_path(cfg.model.path)
         tokenizer = load_tokenizer(cfg.model, folder)
         samples, _, _ = prepare_data(cfg, tokenizer)
+        knobs = dict(variant["trl"])
+        order = None
+        if variant["same_batches"]:
+            order = _llamatune_order(samples, tc, tokenizer.pad_token_id)
+            if order is None:
+                print("llamatune's batches are not consecutive groups here; trl groups by length",
+                      flush=True)
+                if not knobs.get("padding_free"):
+                    knobs["train_sampling_strategy"] = "group_by_length"
+            else:
+                knobs["train_sampling_strategy"] = "sequential"
+        fed = samples if order is None else [samples[i] for i in order]
         ds = Dataset.from_dict({
-            "input_ids": [s["input_ids"] for s in samples],
-            "completion_mask": [[int(t != -100) for t in s["labels"]] for s in samples],
+            "input_ids": [s["input_ids"] for s in fed],
+            "completion_mask": [[int(t != -100) for t in s["labels"]] for s in fed],
         })
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation
         )
         bf16 = spec["bf16"]
-        knobs = dict(variant["trl"])
         max_length = tc.max_length
         if knobs.get("padding_free") and not knobs.get("packing"):
             # trl refuses padding_free with a max_length it cannot enforce; llamatune's
@@ -413,6 +450,7 @@ def child_trl(spec: dict, t_start: float) -> dict:
             "learning_rate", "warmup_steps", "gradient_checkpointing", "bf16", "padding_free",
             "packing", "train_sampling_strategy", "optim")}
         res["settings"]["lr_scheduler"] = f"llamatune {tc.schedule}"
+        res["settings"]["batches"] = "llamatune's" if order is not None else "trl's sampler"
         res["lrs"] = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
         res["settings"] = {k: v if isinstance(v, (bool, int, float)) else str(getattr(v, "value", v))
                            for k, v in res["settings"].items()}
