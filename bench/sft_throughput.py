@@ -263,6 +263,8 @@ def child_llamatune(spec: dict, t_start: float) -> dict:
         # The batches train() will build for epoch 0 (padding shows in the position count).
         batches = training.epoch_batches(samples, cfg.train, 0, recipe.pad_id)
         positions = sum(int(b["input_ids"].numel()) for b in batches)
+        keys = [_batch_key(row[: int(m.sum())].tolist() for row, m in
+                           zip(b["input_ids"], b["attention_mask"])) for b in batches]
         del batches
         mc = recipe.model.config.to_dict() if hasattr(recipe.model.config, "to_dict") else {}
         dtype = str(next(recipe.model.parameters()).dtype).replace("torch.", "")
@@ -283,6 +285,7 @@ def child_llamatune(spec: dict, t_start: float) -> dict:
         res = _common_result(spec, samples, mc, n_sup, positions, losses, train_s, load_s,
                              rss_before, hwm_ok, dtype)
         res["lrs"] = lrs
+        res["batch_keys"] = keys
         res["eval_loss"] = _fixed_loss(recipe.model, samples[: spec["eval_rows"]], recipe.pad_id,
                                        recipe.device, spec["batch"])
         res["settings"] = {"lr": cfg.train.lr, "schedule": cfg.train.schedule,
@@ -317,16 +320,25 @@ def _llamatune_order(samples: list[dict], tc, pad_id: int) -> list[int] | None:
     return order
 
 
+def _batch_key(seqs) -> str:
+    """A short fingerprint of the samples in one batch (order within the batch ignored)."""
+    import hashlib
+
+    return hashlib.sha1(repr(sorted(tuple(x) for x in seqs)).encode()).hexdigest()[:12]
+
+
 class _CountingCollator:
-    """Wraps trl's collator to count the positions (padding included) each batch holds."""
+    """Wraps trl's collator to count the positions (padding included) and fingerprint batches."""
 
     def __init__(self, inner):
         self.inner = inner
         self.positions = 0
+        self.keys: list[str] = []
 
     def __call__(self, examples):
         out = self.inner(examples)
         self.positions += int(out["input_ids"].numel())
+        self.keys.append(_batch_key(e["input_ids"] for e in examples))
         return out
 
 
@@ -442,6 +454,7 @@ def child_trl(spec: dict, t_start: float) -> dict:
         head_positions = n_sup if compact else sum(n - 1 for n in lengths)
         res = _common_result(spec, samples, mc, head_positions, counter.positions, losses,
                              train_s, load_s, rss_before, hwm_ok, "bfloat16" if bf16 else "float32")
+        res["batch_keys"] = counter.keys
         res["trl_tokens"] = sum(lengths)
         res["trl_supervised"] = n_sup_trl
         res["eval_loss"] = _fixed_loss(trainer.model, samples[: spec["eval_rows"]],
@@ -645,7 +658,7 @@ def _summarize(results: list[dict], peaks: dict) -> dict:
             "tokens": rs[0]["tokens"], "supervised": rs[0]["supervised"],
             "samples": rs[0]["samples"], "steps": rs[0]["steps"],
             "trl_tokens": rs[0].get("trl_tokens"), "trl_supervised": rs[0].get("trl_supervised"),
-            "lrs": rs[0].get("lrs"),
+            "lrs": rs[0].get("lrs"), "batch_keys": rs[0].get("batch_keys"),
             "pad_fraction": 1 - rs[0]["tokens"] / rs[0]["positions"] if rs[0]["positions"] else 0,
             "model_flops": flops, "flops_per_s": flops / train_s,
             "mfu": flops / train_s / peak if peak else None,
@@ -713,6 +726,13 @@ def _checks(model: str, summary: dict, names: list[str]) -> list[tuple[str, bool
                     "differ: " + "; ".join(f"{n} {[round(x, 8) for x in v]}" for n, v in lrs.items())))
     if lt is None:
         out.append(("llamatune", None, "llamatune did not run; no targets to check"))
+        return out
+    same = [n for n, s in ok.items() if VARIANTS[n]["same_batches"]]
+    if same:
+        bad = [n for n in same if ok[n]["batch_keys"] != lt["batch_keys"]]
+        out.append(("same batches", not bad,
+                    f"{', '.join(same)} trained on llamatune's {len(lt['batch_keys'])} batches in "
+                    "llamatune's order" if not bad else f"{', '.join(bad)} saw other batches"))
         return out
     a = ok.get("trl-default")
     if a:
