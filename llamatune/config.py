@@ -64,6 +64,10 @@ class ModelConfig:
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    fused: bool = True
+    """Lean LoRA, SwiGLU and loss kernels (plain PyTorch, exact): about half the activation
+    memory of peft's modules with LoRA dropout, and faster. ``false`` runs peft and transformers
+    as they are."""
     attn_implementation: str = field(default="sdpa", metadata=_choice("sdpa", "eager"))
     """Attention kernel."""
     trust_remote_code: bool = False

@@ -381,8 +381,10 @@ def load_model(
 
         extra = ["score"] if task == "reward" else None
         model = get_peft_model(model, lora_config(lcfg, peft_task, modules_to_save=extra))
-    elif not trainable:
-        pass
+    if trainable and mcfg.fused:
+        from llamatune.fused import install
+
+        install(model)
     if not trainable:
         model.eval()
         for p in model.parameters():

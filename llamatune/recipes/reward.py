@@ -396,7 +396,7 @@ class RewardRecipe:
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=False)
             self.step += 1
             loss = step_loss / n_pairs
             accuracy = step_correct / n_pairs

@@ -171,7 +171,7 @@ class SFTRecipe:
         with torch.no_grad():
             for batch in training.epoch_batches(self.eval_samples, self.cfg.train, 0, self.pad_id,
                                                 shuffle=False):
-                loss, n = training.lm_loss_sum(self.model, self._to_device(batch))
+                loss, n = training.lm_loss_sum(self.model, self._to_device(batch), self.cfg.model.fused)
                 total += loss.item()
                 count += int(n)
         self.model.train()
@@ -200,7 +200,7 @@ class SFTRecipe:
             n_sup = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
             step_loss = 0.0
             for b in window:
-                loss_sum, _ = training.lm_loss_sum(self.model, self._to_device(b))
+                loss_sum, _ = training.lm_loss_sum(self.model, self._to_device(b), self.cfg.model.fused)
                 (loss_sum / n_sup).backward()
                 step_loss += loss_sum.item()
                 tokens_log += int(b["n_real"])
@@ -210,7 +210,7 @@ class SFTRecipe:
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=False)
             self.step += 1
             loss = step_loss / n_sup
             if not math.isfinite(loss):

@@ -1,0 +1,381 @@
+"""Memory-lean training kernels for LoRA layers and SwiGLU MLPs, in plain PyTorch.
+
+What autograd keeps for the backward pass, not FLOPs, sets the peak memory of LoRA training
+without gradient checkpointing, and on CPUs the fragmentation of the allocator roughly
+multiplies it. Two places keep much more than they need:
+
+* **LoRA with dropout.** peft computes ``B(A(dropout(x))) * s`` with one ``nn.Dropout`` per
+  adapted layer: every layer keeps its own dropped fp32 copy of ``x`` plus the dropout mask,
+  although ``x`` itself is alive anyway (q, k and v read the same normalized hidden state).
+  :class:`_LoraBranch` keeps ``x`` (shared, not copied) and the rank-``r`` activation ``A(x)``;
+  the dropout mask comes from a private generator and is drawn again from the same seed in the
+  backward pass, so neither the mask nor the dropped ``x`` is kept. On CPUs the mask is
+  drawn as 16-bit uniforms, four per 64-bit random number, about five times cheaper than
+  ``bernoulli_`` (which runs on one thread whatever the thread count); ``p`` is rounded to a
+  multiple of 1/65536 and the rescaling uses the rounded value, so the expectation is exact.
+* **SwiGLU.** ``act(gate(x)) * up(x)`` keeps ``gate``, ``silu(gate)``, ``up`` and the product;
+  :class:`_SwiGLU` keeps ``gate`` and ``up`` and recomputes the rest in the backward pass.
+
+Both are exact: same forward values, same gradients (to rounding), same FLOPs; only the dropout
+random stream differs from peft's. They replace ``forward`` on the module instances of a model
+being trained (:func:`install`) and fall back to the original code for anything they do not
+cover (DoRA and other LoRA variants, several active adapters, merged or disabled adapters,
+mixed-adapter batches). Weights, state dicts and saved adapters are untouched, so nothing
+downstream (merge, generate, peft loading) can tell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+
+import torch
+
+__all__ = ["install", "keep_mask", "lora_branch", "swiglu"]
+
+_LEVELS = 1 << 16  # CPU mask resolution: p is rounded to a multiple of 1/65536
+_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+def keep_mask(x: torch.Tensor, p: float, seed: int | None = None) -> tuple[torch.Tensor, float]:
+    """Draw a dropout keep-mask shaped like ``x``.
+
+    Args:
+        x: The tensor to be dropped (its shape and device are used).
+        p: Drop probability, ``0 < p < 1``.
+        seed: Draw from a private generator seeded with this (the same seed gives the same
+            mask again); ``None`` draws from torch's global generator.
+
+    Returns:
+        ``(keep, scale)``: a bool mask, True where ``x`` is kept, and the factor that makes the
+        expectation exact (``1 / (1 - p)``, with ``p`` as rounded on CPUs).
+    """
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(seed)
+    if x.device.type != "cpu":
+        return torch.rand(x.shape, device=x.device, generator=gen) >= p, 1.0 / (1.0 - p)
+    drop = min(_LEVELS - 1, max(1, round(p * _LEVELS)))
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=gen)
+    keep = words.view(torch.int16)[:n].view(x.shape) >= drop - _LEVELS // 2
+    return keep, _LEVELS / (_LEVELS - drop)
+
+
+class _LoraBranch(torch.autograd.Function):
+    """``base + (dropout(x) @ A.T) @ B.T * s``, saving ``x`` and ``x @ A.T`` only.
+
+    ``base`` (the frozen layer's output, which autograd does not keep) is updated in place with
+    one ``addmm_``, so the LoRA update never exists as a tensor of its own. The dropout mask
+    is drawn from a private generator with a seed taken from torch's global one, and drawn
+    again from the same seed in the backward pass instead of being kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a_weight, b_weight, scaling, p, seed, base):
+        keep_scale = 1.0
+        if p > 0:
+            keep, keep_scale = keep_mask(x, p, seed)
+            xd = x * keep
+            del keep
+        else:
+            xd = x
+        # The dropout rescaling goes on the rank-r activation, not on x: one pass over x.
+        mid = xd.reshape(-1, xd.shape[-1]) @ a_weight.t()
+        del xd
+        if p > 0:
+            mid.mul_(keep_scale)
+        base.view(-1, base.shape[-1]).addmm_(mid, b_weight.t(), alpha=scaling)
+        ctx.mark_dirty(base)
+        ctx.save_for_backward(x, a_weight, b_weight, mid)
+        ctx.scaling, ctx.p, ctx.seed, ctx.keep_scale = scaling, p, seed, keep_scale
+        return base
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a_weight, b_weight, mid = ctx.saved_tensors
+        s = ctx.scaling
+        keep = keep_mask(x, ctx.p, ctx.seed)[0] if ctx.p > 0 else None
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_b = (g.t() @ mid).mul_(s) if ctx.needs_input_grad[2] else None
+        # d loss / d (dropped x @ A.T), with the dropout rescaling folded in ([tokens, r]).
+        gmid = (g @ b_weight).mul_(s * ctx.keep_scale)
+        grad_a = grad_x = None
+        if ctx.needs_input_grad[1]:
+            xd = x if keep is None else x * keep
+            grad_a = gmid.t() @ xd.reshape(-1, xd.shape[-1])
+            del xd
+        if ctx.needs_input_grad[0]:
+            grad_x = (gmid @ a_weight).view(x.shape)
+            if keep is not None:
+                grad_x = grad_x.mul_(keep)
+        return grad_x, grad_a, grad_b, None, None, None, grad
+
+
+def lora_branch(x, a_weight, b_weight, scaling: float, p: float = 0.0, training: bool = True,
+                base=None):
+    """The LoRA update ``B(A(dropout(x))) * scaling`` with lean saved tensors.
+
+    Args:
+        x: Input ``[..., in]``.
+        a_weight: ``lora_A`` weight ``[r, in]``.
+        b_weight: ``lora_B`` weight ``[out, r]``.
+        scaling: ``alpha / r`` (or the rsLoRA value).
+        p: Dropout probability on ``x``.
+        training: Apply dropout (``False`` in eval mode).
+        base: The frozen layer's output ``[..., out]`` to add the update to, in place (it
+            must not be needed by autograd, and must be contiguous); ``None`` returns the
+            update alone.
+
+    Returns:
+        ``[..., out]``: ``base`` plus the update (``base`` itself when given).
+    """
+    if base is None:
+        base = x.new_zeros(*x.shape[:-1], b_weight.shape[0])
+    if not (training and p > 0):
+        return _LoraBranch.apply(x, a_weight, b_weight, scaling, 0.0, None, base)
+    # One draw from the global generator (replayed exactly under gradient checkpointing).
+    seed = int(torch.empty((), dtype=torch.int64).random_(0, 2**62))
+    return _LoraBranch.apply(x, a_weight, b_weight, scaling, p, seed, base)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` that saves ``gate`` and ``up`` only."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return torch.nn.functional.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_up = grad * silu if ctx.needs_input_grad[1] else None
+        grad_gate = None
+        if ctx.needs_input_grad[0]:
+            # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig + silu * (1 - sig)
+            grad_gate = silu.mul_(1 - sig).add_(sig).mul_(grad).mul_(up)
+        return grad_gate, grad_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, keeping only ``gate`` and ``up`` for the backward pass."""
+    return _SwiGLU.apply(gate, up)
+
+
+def _lora_forward(self, x, *args, **kwargs):
+    """Forward of a peft ``LoraLayer`` with the lean branch (the original code for anything else)."""
+    adapters = self.active_adapters
+    if (self.disable_adapters or self.merged or args or kwargs or len(adapters) != 1
+            or adapters[0] not in self.lora_A or adapters[0] in getattr(self, "lora_variant", {})
+            or self.use_dora.get(adapters[0], False)):
+        return self._llamatune_original_forward(x, *args, **kwargs)
+    name = adapters[0]
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    if lora_a.bias is not None or lora_b.bias is not None:
+        return self._llamatune_original_forward(x, *args, **kwargs)
+    result = self.base_layer(x)
+    drop = self.lora_dropout[name]
+    p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
+    xa = x.to(lora_a.weight.dtype) if not torch.is_autocast_enabled() else x
+    if (type(self.base_layer) is torch.nn.Linear and result.dtype == lora_b.weight.dtype
+            and result.is_contiguous()):
+        # A plain frozen linear does not keep its output: add the update into it in place.
+        return lora_branch(xa, lora_a.weight, lora_b.weight, self.scaling[name], p,
+                           self.training, base=result)
+    out = lora_branch(xa, lora_a.weight, lora_b.weight, self.scaling[name], p, self.training)
+    return result + out.to(result.dtype)
+
+
+class _Recomputed:
+    """Stands in for a tensor in a saved-tensor slot; rebuilt as ``fn(*args)`` when unpacked."""
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+
+def _unpack(value):
+    if isinstance(value, _Recomputed):
+        with torch.no_grad():
+            return value.fn(*value.args)
+    return value
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.shape, t.dtype, t.stride()
+
+
+def _silu_mul(gate, up):
+    return torch.nn.functional.silu(gate) * up
+
+
+def _mlp_forward(self, x):
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    h = swiglu(gate, up)
+    if not (self._llamatune_recompute and torch.is_grad_enabled()):
+        return self.down_proj(h)
+    # Whatever down_proj saves of h (its LoRA input) is rebuilt from gate and up, which the
+    # SwiGLU node keeps anyway: one [tokens, intermediate] tensor less per layer.
+    key = _key(h)
+
+    def pack(t):
+        return _Recomputed(_silu_mul, gate, up) if _key(t) == key else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+        return self.down_proj(h)
+
+
+def _norm_forward(self, x):
+    out = self._llamatune_original_forward(x)
+    outputs = self._llamatune_outputs
+    if outputs is not None:
+        # ``out`` is held until the layer's forward ends, so no other tensor can take its
+        # address (and be mistaken for it) meanwhile.
+        outputs[_key(out)] = (out, self._llamatune_original_forward, x)
+    return out
+
+
+def _layer_forward(self, *args, **kwargs):
+    """Decoder layer whose norm outputs are saved as "recompute from the norm input".
+
+    The projections after each RMSNorm save its output (their LoRA input); the norm saves its
+    input anyway, so the output is rebuilt from it in the backward pass (one cheap pass) instead
+    of being kept: two [tokens, hidden] tensors less per layer.
+    """
+    if not torch.is_grad_enabled():
+        return self._llamatune_original_forward(*args, **kwargs)
+    with _native_gqa(self._llamatune_gqa):
+        return _layer_forward_recompute(self, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _native_gqa(enabled: bool):
+    """Let transformers' SDPA path pass grouped-query attention to torch as is.
+
+    By default transformers repeats the key and value heads up to the query heads whenever
+    there is an attention mask, and SDPA then keeps the repeated copies for the backward pass.
+    torch's CPU flash kernel takes ``enable_gqa`` with a mask (same results, tested), so on CPU
+    the repeat is skipped; on GPUs a mask with ``enable_gqa`` falls back to the slow math kernel,
+    so nothing changes there. The switch is transformers' own ``TRANSFORMERS_SDPA_FORCE_GQA``,
+    set only for the duration of the layer's forward.
+    """
+    if not enabled:
+        yield
+        return
+    old = os.environ.get(_GQA_ENV)
+    os.environ[_GQA_ENV] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(_GQA_ENV, None)
+        else:
+            os.environ[_GQA_ENV] = old
+
+
+def _layer_forward_recompute(self, *args, **kwargs):
+    outputs: dict = {}
+    for norm in self._llamatune_norms:
+        norm._llamatune_outputs = outputs
+
+    def pack(t):
+        hit = outputs.get(_key(t))
+        return _Recomputed(*hit[1:]) if hit is not None else t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            return self._llamatune_original_forward(*args, **kwargs)
+    finally:
+        for norm in self._llamatune_norms:
+            norm._llamatune_outputs = None
+
+
+def _silu_types() -> tuple[type, ...]:
+    types_: list[type] = [torch.nn.SiLU]
+    try:
+        from transformers.activations import SiLUActivation
+
+        types_.append(SiLUActivation)
+    except ImportError:  # older transformers use nn.SiLU
+        pass
+    return tuple(types_)
+
+
+def _is_swiglu_mlp(module) -> bool:
+    """A Llama-style MLP: ``down(silu(gate(x)) * up(x))`` with a one-argument forward."""
+    return (all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
+            and type(module).__name__.endswith("MLP")
+            and isinstance(getattr(module, "act_fn", None), _silu_types())
+            and type(module).forward.__code__.co_argcount == 2)
+
+
+def install(model) -> dict[str, int]:
+    """Switch the LoRA layers, SwiGLU MLPs and decoder-layer norms of ``model`` to lean kernels.
+
+    Only instances change (``module.forward``); calling it twice is harmless.
+
+    Args:
+        model: A transformers model, with or without peft LoRA layers.
+
+    Returns:
+        How many modules were switched, by kind: ``{"lora": n, "swiglu": m, "norm": k}``.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    counts = {"lora": 0, "swiglu": 0, "norm": 0}
+    # Under gradient checkpointing the blocks save (almost) nothing, and its hooks must win.
+    recompute = not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    for module in model.modules():
+        if "_llamatune_original_forward" in vars(module):
+            continue
+        if isinstance(module, LoraLayer) and isinstance(getattr(module, "base_layer", None),
+                                                        _linear_bases()):
+            _patch(module, _lora_forward)
+            counts["lora"] += 1
+        elif _is_swiglu_mlp(module):
+            module._llamatune_recompute = recompute
+            _patch(module, _mlp_forward)
+            counts["swiglu"] += 1
+        elif recompute and _is_llama_layer(module):
+            module._llamatune_norms = (module.input_layernorm, module.post_attention_layernorm)
+            attn = getattr(module, "self_attn", None)
+            module._llamatune_gqa = (getattr(attn, "num_key_value_groups", 1) > 1
+                                     and getattr(attn.config, "_attn_implementation", "") == "sdpa"
+                                     and next(module.parameters()).device.type == "cpu")
+            for norm in module._llamatune_norms:
+                norm._llamatune_outputs = None
+                _patch(norm, _norm_forward)
+            _patch(module, _layer_forward)
+            counts["norm"] += 2
+    return counts
+
+
+def _patch(module, forward) -> None:
+    module._llamatune_original_forward = module.forward
+    module.forward = types.MethodType(forward, module)
+
+
+def _is_llama_layer(module) -> bool:
+    """A pre-norm decoder layer with RMSNorms named as in Llama (Mistral, Qwen2, ...)."""
+    norms = [getattr(module, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
+    return (type(module).__name__.endswith("DecoderLayer")
+            and all(type(n).__name__.endswith("RMSNorm") for n in norms)
+            and not any("_llamatune_original_forward" in vars(n) for n in norms))
+
+
+def _linear_bases() -> tuple[type, ...]:
+    """Base layer types whose LoRA wrapper computes ``base(x) + lora(x)`` (plain, 8-bit, 4-bit)."""
+    bases: list[type] = [torch.nn.Linear]
+    try:
+        import bitsandbytes as bnb
+
+        bases += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency, but optional at runtime
+        pass
+    return tuple(bases)

@@ -1,0 +1,242 @@
+"""The lean kernels (llamatune.fused, llamatune._head_loss) equal the modules they replace."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llamatune import fused
+from llamatune._head_loss import _HeadCrossEntropy, head_cross_entropy_sum
+from llamatune.training import lm_loss_sum
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _tiny(dropout=0.0, use_dora=False, checkpointing=False, seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                             target_modules=TARGETS, use_dora=use_dora))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the update visible
+            torch.nn.init.normal_(p, std=0.2)
+    model.train()
+    return model
+
+
+def _batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (3, 11), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0
+    labels[2, 8:] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _loss_and_grads(model, batch, fused_loss=True, seed=123):
+    torch.manual_seed(seed)
+    loss, n = lm_loss_sum(model, batch, fused=fused_loss)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
+
+
+def _max_diff(g1, g2):
+    assert g1.keys() == g2.keys()
+    return max(float((g1[k] - g2[k]).abs().max()) for k in g1)
+
+
+def test_lora_branch_and_swiglu_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.double, requires_grad=True)
+    a = torch.randn(4, 5, dtype=torch.double, requires_grad=True)
+    b = torch.randn(6, 4, dtype=torch.double, requires_grad=True)
+    base = torch.randn(2, 3, 6, dtype=torch.double, requires_grad=True)
+
+    def branch(p, seed):
+        # base.clone(): the update goes into the frozen layer's output in place
+        return lambda x, a, b, base: fused._LoraBranch.apply(x, a, b, 0.7, p, seed, base.clone())
+
+    # dropout 0.3 with a fixed seed: the backward pass redraws the forward's mask
+    assert torch.autograd.gradcheck(branch(0.3, 1234), (x, a, b, base))
+    assert torch.autograd.gradcheck(branch(0.0, None), (x, a, b, base))
+    keep, scale = fused.keep_mask(x, 0.3, 1234)
+    expected = base + ((x * keep * scale) @ a.t() @ b.t()) * 0.7
+    assert torch.allclose(branch(0.3, 1234)(x, a, b, base), expected)
+    assert torch.equal(keep, fused.keep_mask(x, 0.3, 1234)[0])
+    assert not torch.equal(keep, fused.keep_mask(x, 0.3, 1235)[0])
+    assert torch.allclose(fused.lora_branch(x, a, b, 0.7), (x @ a.t() @ b.t()) * 0.7)
+    gate = torch.randn(4, 7, dtype=torch.double, requires_grad=True)
+    up = torch.randn(4, 7, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(fused.swiglu, (gate, up))
+    assert torch.allclose(fused.swiglu(gate, up), F.silu(gate) * up)
+
+
+def test_head_cross_entropy_matches_reference():
+    torch.manual_seed(0)
+    h = torch.randn(7, 5, dtype=torch.double, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.double, requires_grad=True)
+    y = torch.randint(0, 11, (7,))
+    assert torch.autograd.gradcheck(lambda a, b: _HeadCrossEntropy.apply(a, b, y, 3), (h, w))
+    h = torch.randn(300, 64, requires_grad=True)
+    w = torch.randn(5000, 64) * 0.1
+    y = torch.randint(0, 5000, (300,))
+    ref = F.cross_entropy(h @ w.t(), y, reduction="sum")
+    ref.backward()
+    g_ref, h.grad = h.grad.clone(), None
+    got = head_cross_entropy_sum(h, w, y)
+    (0.5 * got).backward()
+    assert abs(float(got.detach() / ref.detach()) - 1) < 1e-5
+    assert torch.allclose(h.grad, 0.5 * g_ref, atol=1e-5)
+
+
+def test_fused_model_equals_peft_without_dropout():
+    model = _tiny()
+    batch = _batch()
+    ref_loss, ref_grads = _loss_and_grads(model, batch, fused_loss=False)
+    counts = fused.install(model)
+    assert counts == {"lora": 14, "swiglu": 2, "norm": 4}
+    assert fused.install(model) == {"lora": 0, "swiglu": 0, "norm": 0}  # idempotent
+    loss, grads = _loss_and_grads(model, batch)
+    assert abs(loss - ref_loss) < 1e-4 * abs(ref_loss)
+    assert _max_diff(grads, ref_grads) < 1e-5
+    # the adapter's saved state is unchanged (no new parameters or buffers)
+    assert all("llamatune" not in k for k in model.state_dict())
+
+
+def test_fused_dropout_rate_and_eval_identity():
+    model = _tiny(dropout=0.25)
+    batch = _batch()
+    model.eval()
+    with torch.no_grad():
+        ref = lm_loss_sum(model, batch, fused=False)[0]
+    fused.install(model)
+    with torch.no_grad():
+        assert abs(float(lm_loss_sum(model, batch)[0] - ref)) < 1e-4
+    model.train()
+    with torch.no_grad():
+        a = lm_loss_sum(model, batch)[0]
+        b = lm_loss_sum(model, batch)[0]
+    assert float(a) != float(b)  # dropout is active in training mode
+    torch.manual_seed(0)
+    x = torch.randn(400, 500)
+    keep, scale = fused.keep_mask(x, 0.05)
+    assert keep.dtype == torch.bool
+    assert abs((1 - keep.float().mean().item()) - 0.05) < 0.003
+    assert abs(scale * (1 - 3277 / 65536) - 1) < 1e-12
+
+
+def test_fused_dropout_replays_under_gradient_checkpointing():
+    batch = _batch()
+    plain = _tiny(dropout=0.3)
+    fused.install(plain)
+    ckpt = _tiny(dropout=0.3, checkpointing=True)
+    fused.install(ckpt)
+    l1, g1 = _loss_and_grads(plain, batch)
+    l2, g2 = _loss_and_grads(ckpt, batch)
+    assert abs(l1 - l2) < 1e-4 * abs(l1)
+    assert _max_diff(g1, g2) < 1e-5
+
+
+def test_fused_falls_back_for_dora():
+    model = _tiny(use_dora=True)
+    batch = _batch()
+    ref_loss, ref_grads = _loss_and_grads(model, batch, fused_loss=False)
+    fused.install(model)
+    loss, grads = _loss_and_grads(model, batch)
+    assert abs(loss - ref_loss) < 1e-4 * abs(ref_loss)
+    assert _max_diff(grads, ref_grads) < 1e-5
+
+
+def test_fused_keeps_less_for_backward():
+    """What autograd saves for one step: peft with dropout against the fused kernels."""
+    batch = _batch()
+
+    def saved_bytes(model):
+        seen = {}
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = lm_loss_sum(model, batch, fused=getattr(model, "_fused", False))
+        loss.backward()
+        return sum(seen.values())
+
+    peft_model = _tiny(dropout=0.1)
+    lean = _tiny(dropout=0.1)
+    fused.install(lean)
+    lean._fused = True
+    before, after = saved_bytes(peft_model), saved_bytes(lean)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_fused_4bit_matches_unfused():
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        base.save_pretrained(d)
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_compute_dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(d, quantization_config=q, device_map="cpu")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    model.train()
+    batch = _batch()
+    ref_loss, ref_grads = _loss_and_grads(model, batch, fused_loss=False)
+    assert fused.install(model)["lora"] == 7
+    loss, grads = _loss_and_grads(model, batch)
+    assert abs(loss - ref_loss) < 1e-4 * abs(ref_loss)
+    assert _max_diff(grads, ref_grads) < 1e-4
+
+
+def test_optimizer_state_made_up_front_trains_identically():
+    """build_optimizer makes grads and AdamW moments at once; steps equal torch's lazy ones."""
+    from llamatune.config import TrainConfig
+    from llamatune.training import build_optimizer
+
+    def run(eager):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+        tc = TrainConfig(lr=1e-2, weight_decay=0.1)
+        if eager:
+            opt = build_optimizer(model, tc)
+            assert all(p.grad is not None for p in model.parameters())
+            assert all(len(opt.state[p]) == 3 for p in model.parameters())
+        else:
+            opt = torch.optim.AdamW(
+                [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+                 {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+                lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x = torch.randn(8, 6, generator=g)
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=not eager)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        assert torch.equal(a, b)
