@@ -1,27 +1,38 @@
-"""Memory-lean training kernels for LoRA layers and SwiGLU MLPs, in plain PyTorch.
+"""Memory-lean training kernels for Llama-style blocks with LoRA, in plain PyTorch.
 
 What autograd keeps for the backward pass, not FLOPs, sets the peak memory of LoRA training
-without gradient checkpointing, and on CPUs the fragmentation of the allocator roughly
-multiplies it. Two places keep much more than they need:
+without gradient checkpointing, and on CPUs the fragmentation of glibc's heap (which hands
+memory back only from its top) adds about as much again, in proportion to how many large
+temporaries a step makes. Where the stock modules keep or make more than they need:
 
-* **LoRA with dropout.** peft computes ``B(A(dropout(x))) * s`` with one ``nn.Dropout`` per
-  adapted layer: every layer keeps its own dropped fp32 copy of ``x`` plus the dropout mask,
-  although ``x`` itself is alive anyway (q, k and v read the same normalized hidden state).
-  :class:`_LoraBranch` keeps ``x`` (shared, not copied) and the rank-``r`` activation ``A(x)``;
-  the dropout mask comes from a private generator and is drawn again from the same seed in the
-  backward pass, so neither the mask nor the dropped ``x`` is kept. On CPUs the mask is
-  drawn as 16-bit uniforms, four per 64-bit random number, about five times cheaper than
-  ``bernoulli_`` (which runs on one thread whatever the thread count); ``p`` is rounded to a
-  multiple of 1/65536 and the rescaling uses the rounded value, so the expectation is exact.
+* **LoRA with dropout.** peft computes ``base(x) + B(A(dropout(x))) * s`` with one
+  ``nn.Dropout`` per adapted layer: every layer keeps its own dropped fp32 copy of ``x`` plus
+  the mask, although ``x`` is alive anyway (q, k and v read the same normalized hidden state),
+  and makes the update and the sum as two more tensors. :class:`_LoraBranch` keeps ``x``
+  (shared, not copied) and the rank-``r`` activation ``A(x)``, draws the mask from a private
+  generator and draws it again from the same seed in the backward pass (neither the mask nor
+  the dropped ``x`` is kept), and adds the update into the frozen layer's output in place with
+  one ``addmm_``. On CPUs the mask is drawn as 16-bit uniforms, four per 64-bit random number,
+  about five times cheaper than ``bernoulli_`` (which runs on one thread whatever the thread
+  count); ``p`` is rounded to a multiple of 1/65536 and the rescaling uses the rounded value,
+  so the expectation is exact.
 * **SwiGLU.** ``act(gate(x)) * up(x)`` keeps ``gate``, ``silu(gate)``, ``up`` and the product;
-  :class:`_SwiGLU` keeps ``gate`` and ``up`` and recomputes the rest in the backward pass.
+  :class:`_SwiGLU` keeps ``gate`` and ``up``, and what ``down_proj`` would keep of the product
+  is rebuilt from them in the backward pass.
+* **Norm outputs.** The projections after each RMSNorm keep its output; the norm keeps its
+  input anyway, so the output is rebuilt from it in the backward pass.
+* **Grouped-query attention on CPU.** transformers repeats key/value heads when there is a
+  padding mask and SDPA keeps the copies; torch's CPU flash kernel takes ``enable_gqa`` with a
+  mask, so the repeat is skipped there (see :func:`_native_gqa`).
 
-Both are exact: same forward values, same gradients (to rounding), same FLOPs; only the dropout
-random stream differs from peft's. They replace ``forward`` on the module instances of a model
-being trained (:func:`install`) and fall back to the original code for anything they do not
-cover (DoRA and other LoRA variants, several active adapters, merged or disabled adapters,
-mixed-adapter batches). Weights, state dicts and saved adapters are untouched, so nothing
-downstream (merge, generate, peft loading) can tell.
+All of it is exact: same forward values, same gradients (to rounding), same matmul FLOPs
+(a few elementwise passes are redone in the backward pass); only the dropout random stream
+differs from peft's. The kernels replace ``forward`` on the module instances of a model being
+trained (:func:`install`) and fall back to the original code for anything they do not cover
+(DoRA and other LoRA variants, several active adapters, merged or disabled adapters,
+mixed-adapter batches, LoRA biases). The recompute tricks stand down under gradient
+checkpointing, which already keeps almost nothing. Weights, state dicts and saved adapters
+are untouched, so nothing downstream (merge, generate, peft loading) can tell.
 """
 
 from __future__ import annotations
