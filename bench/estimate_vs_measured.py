@@ -46,18 +46,13 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _proc import reset_peak_rss, status_bytes  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOLERANCE = 0.25
 MMAP_THRESHOLD = "131072"
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 class _MallInfo2(ctypes.Structure):
@@ -123,14 +118,13 @@ def child(args) -> dict:
     for i in range(args.steps):
         gc.collect()
         libc.malloc_trim(0)
-        base = _status_kb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        reset_ok = _status_kb("VmHWM") <= base + 4 * 2**20
+        base = status_bytes("VmRSS")
+        reset_peak_rss()
+        reset_ok = status_bytes("VmHWM") <= base + 4 * 2**20
         tensors = resident()
         t = time.time()
         loss = step()
-        growth = _status_kb("VmHWM") - base
+        growth = status_bytes("VmHWM") - base
         steps.append({"step": i + 1, "seconds": round(time.time() - t, 2), "loss": loss,
                       "baseline_rss": base, "resident_tensors": tensors, "rss_growth": growth,
                       "measured_peak": tensors + growth, "hwm_reset_ok": reset_ok})

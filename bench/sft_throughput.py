@@ -73,6 +73,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _proc import reset_peak_rss, status_bytes  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "alpaca.yaml"
 DATA = REPO / "datasets" / "alpaca.jsonl"
@@ -120,24 +123,6 @@ PAD_REFERENCE = "trl-fp32-pad"
 # ----------------------------------------------------------------------------------------
 # Child side: one configuration (or the peak probe, or the small-model builder) per process.
 # ----------------------------------------------------------------------------------------
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _max_rss_bytes() -> int:
@@ -243,7 +228,7 @@ def _common_result(spec: dict, samples: list[dict], mc: dict, head_positions: in
         "final_window_loss": statistics.fmean(losses[-window:]) if losses else None,
         "final_window_steps": window, "eval_rows": min(spec["eval_rows"], len(samples)),
         "peak_rss": _max_rss_bytes(), "rss_before_train": rss_before,
-        "train_peak_rss": _status_bytes("VmHWM") if hwm_ok else None,
+        "train_peak_rss": status_bytes("VmHWM") if hwm_ok else None,
         "flops": model_flops(mc, lengths, head_positions, spec["lora_r"]),
     }
     if spec["device"].startswith("cuda"):
@@ -273,8 +258,8 @@ def child_llamatune(spec: dict, t_start: float) -> dict:
         del batches
         mc = recipe.model.config.to_dict() if hasattr(recipe.model.config, "to_dict") else {}
         dtype = str(next(recipe.model.parameters()).dtype).replace("torch.", "")
-        rss_before = _status_bytes("VmRSS")
-        hwm_ok = _reset_peak_rss()
+        rss_before = status_bytes("VmRSS")
+        hwm_ok = reset_peak_rss()
         if spec["device"].startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         load_s = time.perf_counter() - t_start
@@ -442,8 +427,8 @@ def child_trl(spec: dict, t_start: float) -> dict:
             lengths = [len(x) for x in trained["input_ids"]]
         n_sup_trl = sum(sum(1 for t in lab[1:] if t != -100) for lab in trained["labels"])
         mc = trainer.model.get_base_model().config.to_dict()
-        rss_before = _status_bytes("VmRSS")
-        hwm_ok = _reset_peak_rss()
+        rss_before = status_bytes("VmRSS")
+        hwm_ok = reset_peak_rss()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         load_s = time.perf_counter() - t_start

@@ -318,11 +318,11 @@ def _silu_types() -> tuple[type, ...]:
     return tuple(types_)
 
 
-def _is_swiglu_mlp(module) -> bool:
+def _is_swiglu_mlp(module, silu_types: tuple[type, ...]) -> bool:
     """A Llama-style MLP: ``down(silu(gate(x)) * up(x))`` with a one-argument forward."""
     return (all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
             and type(module).__name__.endswith("MLP")
-            and isinstance(getattr(module, "act_fn", None), _silu_types())
+            and isinstance(getattr(module, "act_fn", None), silu_types)
             and type(module).forward.__code__.co_argcount == 2)
 
 
@@ -340,16 +340,16 @@ def install(model) -> dict[str, int]:
     from peft.tuners.lora import LoraLayer
 
     counts = {"lora": 0, "swiglu": 0, "norm": 0}
+    bases, silu_types = _linear_bases(), _silu_types()
     # Under gradient checkpointing the blocks save (almost) nothing, and its hooks must win.
     recompute = not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     for module in model.modules():
         if "_llamatune_original_forward" in vars(module):
             continue
-        if isinstance(module, LoraLayer) and isinstance(getattr(module, "base_layer", None),
-                                                        _linear_bases()):
+        if isinstance(module, LoraLayer) and isinstance(getattr(module, "base_layer", None), bases):
             _patch(module, _lora_forward)
             counts["lora"] += 1
-        elif _is_swiglu_mlp(module):
+        elif _is_swiglu_mlp(module, silu_types):
             module._llamatune_recompute = recompute
             _patch(module, _mlp_forward)
             counts["swiglu"] += 1

@@ -14,6 +14,7 @@ from llamatune.recipes.reward import (
     pair_batches,
     sequence_rewards,
 )
+from llamatune.training import trainable_state_dict
 
 TOPICS = ["cat", "dog", "sun", "moon", "water", "sky", "python", "paris"]
 
@@ -170,8 +171,7 @@ def test_accumulation_weighs_every_pair_equally(tmp_path, tiny_model_dir, pref_f
                               "group_by_length": False})
         r.setup()
         r.train()
-        states.append({n: p.detach().clone() for n, p in r.model.named_parameters()
-                       if p.requires_grad})
+        states.append({n: t.clone() for n, t in trainable_state_dict(r.model).items()})
     for n in states[0]:
         assert torch.allclose(states[0][n], states[1][n], atol=1e-6), n
 

@@ -10,6 +10,7 @@ from conftest import make_recipe
 from llamatune.cli import main as cli
 from llamatune.config import load_config
 from llamatune.recipes.sft import SFTRecipe
+from llamatune.training import trainable_state_dict
 
 
 def _recipe(tmp_path, tiny_model_dir, alpaca_file, **sections):
@@ -68,8 +69,7 @@ def test_accumulation_weighs_every_token_equally(tmp_path, tiny_model_dir, alpac
                     data={"eval_split": 0})
         r.setup()
         r.train()
-        states.append({n: p.detach().clone() for n, p in r.model.named_parameters()
-                       if p.requires_grad})
+        states.append({n: t.clone() for n, t in trainable_state_dict(r.model).items()})
     for n in states[0]:
         assert torch.allclose(states[0][n], states[1][n], atol=1e-6), n
 
