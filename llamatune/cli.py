@@ -289,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Library chatter that is not the user's business: transformers' "Loading weights" and
+    # "Writing model shards" bars, and bitsandbytes' notice that it could not fetch an optional
+    # kernel from a hub (llamatune runs offline). What matters is said on the `model:` line.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from llamatune._bnb import quiet_import_noise
+
+    quiet_import_noise()
     handler = (_cmd_train if args.command in _TRAIN_STAGES else
                _cmd_planned if args.command in _PLANNED else _COMMANDS[args.command])
     try:

@@ -278,6 +278,10 @@ class Config:
             out.extend(sec.problems())
         if not self.output_dir:
             out.append(("output_dir", "must not be empty"))
+        if not self.lora.enabled and self.model.dtype in ("bfloat16", "float16"):
+            out.append(("model.dtype", f"is {self.model.dtype}, but lora.enabled=false trains "
+                        "every weight and trainable weights keep float32 master weights; use "
+                        "model.dtype=auto or float32"))
         return out
 
 

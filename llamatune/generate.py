@@ -10,6 +10,7 @@ own chat template.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def load_for_inference(path: str, device: str = "auto") -> Chatbot:
                                    cfg.model.device, gradient_checkpointing=False,
                                    tokenizer=str(p), adapter=None)
         loaded = load_model(mcfg, None, adapter=str(p), trainable=False)
+        if loaded.kernels:
+            print(f"note: {loaded.kernels}", file=sys.stderr, flush=True)
         return Chatbot(loaded.model, loaded.tokenizer, cfg.data.template, cfg.data.system,
                        loaded.device)
     if (p / "config.json").is_file() or p.suffix == ".gguf" or not p.exists():

@@ -15,12 +15,14 @@ Which weights the adapter is added to (``--base``):
   model is usually close, but it is not the model that was trained.
 
 The merge itself is peft's ``merge_and_unload`` on a float32, non-quantized copy of the
-base (``W + scale * B @ A`` in float32), whatever the training precision; the result is
-cast to ``--dtype`` only when saved.
+base (``W + scale * B @ A`` in float32), whatever the training precision. The result is
+saved in the dtype the base checkpoint stores its weights in (a float32 base stays float32,
+even when training ran the frozen base in bf16), or in ``--dtype``.
 
 Verification (on by default) loads the saved folder back and compares it, on held-out
-samples of the run's own data, with base + adapter loaded the way training saw it (the
-4-bit base for QLoRA runs). It prints the largest absolute logit difference and both
+samples of the run's own data, with base + adapter (the 4-bit base for QLoRA runs), both
+computing in float32 at least, whatever precision the run trained in: it checks the merge,
+not the training precision. It prints the largest absolute logit difference and both
 perplexities over supervised tokens, and fails, leaving nothing at ``--out``, when:
 
 * full-precision base, float32 on both sides: any logit differs by more than ``1e-4``.
@@ -37,10 +39,10 @@ perplexities over supervised tokens, and fails, leaving nothing at ``--out``, wh
   int8 (via float16) at run time, which the merged model rightly does not: on the
   default model that alone moved perplexity by 1.4% (the merged model being the better
   one) and logits by up to 4, hence the wider bound;
-* ``--dtype``/training precision below float32: rounding every weight to the lower
-  precision moves logits by far more than ``1e-4``, so the check becomes a perplexity
-  one with room for that rounding: +1% for float16, +2% for bfloat16 (added to the bound
-  of a quantized base);
+* saved below float32 (``--dtype``, or a bf16/fp16 base checkpoint): rounding every weight
+  to the lower precision moves logits by far more than ``1e-4``, so the check becomes a
+  perplexity one with room for that rounding: +1% for float16, +2% for bfloat16 (added to
+  the bound of a quantized base);
 * ``--base original`` on a quantized run: never fails, only prints the numbers and warns
   about the perplexity gap. The adapter was trained against the dequantized weights, so
   a gap there measures quantization error, not a broken merge.
@@ -266,12 +268,17 @@ def _resolve_base(base: str, quantization: str) -> str:
 
 
 def _load_reference(cfg, run: Path):
-    """Base + adapter exactly as training saw it (quantized base included), for inference."""
+    """Base + adapter as training saw it (its quantized base included), computing in float32.
+
+    Verification checks the merge, not the training precision: both sides compute in float32
+    (float64 for the exact check) whatever the run trained in, and the 4-bit layers take
+    bitsandbytes' standard path (its packed CPU inference kernel computes in bf16).
+    """
     from llamatune.model import load_model
 
     mcfg = dataclasses.replace(cfg.model, gradient_checkpointing=False, tokenizer=str(run),
-                               adapter=None)
-    return load_model(mcfg, None, adapter=str(run), trainable=False)
+                               adapter=None, dtype="float32", compute_dtype="float32")
+    return load_model(mcfg, None, adapter=str(run), trainable=False, cpu_4bit_packing=False)
 
 
 def dequantize_weight(module):
@@ -468,12 +475,14 @@ def compare_models(merged, reference, samples: list[dict], reference_device: str
     return max_diff, math.exp(nll_m / count), math.exp(nll_r / count), count
 
 
-def _verify(folder: Path, reference, cfg, check: Check, dtype, data) -> Verification:
+def _verify(folder: Path, reference, cfg, check: Check, data) -> Verification:
     """Load the saved folder with plain transformers and compare it with base + adapter."""
     import torch
     from transformers import AutoModelForCausalLM
 
     samples, source = data
+    # Saved bf16/fp16 weights upcast exactly, so the comparison runs in float32 at least.
+    dtype = torch.float32
     if check.kind == "logits":
         # float32 evaluation noise is as large as the bound; float64 leaves only the merge.
         dtype = torch.float64
@@ -487,18 +496,16 @@ def _verify(folder: Path, reference, cfg, check: Check, dtype, data) -> Verifica
                         ppl_r)
 
 
-def _precisions(mcfg, dtype: str | None) -> tuple[str, str]:
-    """``(reference, saved)`` precision names: what base + adapter computes in, what is saved."""
-    from llamatune.model import resolve_device, resolve_dtype
+def _saved_dtype(folder: str, dtype: str | None) -> tuple[str, str]:
+    """The precision to save in and why: ``--dtype``, else the base checkpoint's own."""
+    if dtype is not None:
+        return dtype, "--dtype"
+    from llamatune.model import stored_dtype
 
-    device = resolve_device(mcfg.device)
-    run_dtype = _dtype_name(resolve_dtype(mcfg.dtype, device))
-    reference = run_dtype
-    if mcfg.quantization != "none" and mcfg.compute_dtype != "auto":
-        # Quantized layers multiply in model.compute_dtype, which may be below model.dtype.
-        compute = _dtype_name(resolve_dtype(mcfg.compute_dtype, device))
-        reference = max((run_dtype, compute), key=DTYPE_PPL_SLACK.__getitem__)
-    return reference, dtype or run_dtype
+    stored = stored_dtype(folder)
+    if stored not in DTYPES:
+        return "float32", f"the base checkpoint stores {stored}"
+    return stored, "the base checkpoint's dtype"
 
 
 def _tmp_name(out: Path) -> Path:
@@ -514,8 +521,8 @@ def run_merge(run_dir, out, base: str = "auto", dtype: str | None = None, verify
         out: The folder to create; must not exist.
         base: ``auto`` (dequantized weights for quantized runs, else the original),
             ``dequantized`` or ``original``.
-        dtype: Saved precision (``float32``, ``bfloat16``, ``float16``); ``None``: the run's
-            model dtype (float32 on CPU).
+        dtype: Saved precision (``float32``, ``bfloat16``, ``float16``); ``None``: the dtype
+            the base checkpoint stores its weights in.
         verify: Compare the saved model with base + adapter before publishing it.
         samples: How many held-out samples verification uses.
 
@@ -542,16 +549,16 @@ def run_merge(run_dir, out, base: str = "auto", dtype: str | None = None, verify
     cfg = _run_config(run)
     q = cfg.model.quantization
     mode = _resolve_base(base, q)
-    ref_dtype, out_dtype = _precisions(cfg.model, dtype)
+    folder = resolve_model_path(cfg.model.path)
+    out_dtype, dtype_why = _saved_dtype(folder, dtype)
     print(f"merge: {run} ({cfg.model.path}, quantization {q}) into the "
           f"{'dequantized ' + q if mode == 'dequantized' else 'original'} weights, "
-          f"saved as {out_dtype}", flush=True)
+          f"saved as {out_dtype} ({dtype_why})", flush=True)
     if q != "none" and mode == "original":
         print(f"warning: the adapter was trained against the {q} weights; merging it into the "
               "full-precision original gives a model that was never trained as such. "
               "Verification reports the gap but does not fail on it.", file=sys.stderr, flush=True)
 
-    folder = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(dataclasses.replace(cfg.model, tokenizer=str(run)), folder)
     if not getattr(tokenizer, "chat_template", None):
         # Run folders written by llamatune always carry one; rebuild it for older runs.
@@ -574,8 +581,8 @@ def run_merge(run_dir, out, base: str = "auto", dtype: str | None = None, verify
         record = {"run_dir": str(run.resolve()), "base_model": cfg.model.path,
                   "quantization": q, "base": mode, "dtype": out_dtype}
         if verify:
-            check = choose_check(q, mode, ref_dtype, out_dtype)
-            result = _verify(tmp, reference, cfg, check, _torch_dtype(out_dtype), data)
+            check = choose_check(q, mode, "float32", out_dtype)
+            result = _verify(tmp, reference, cfg, check, data)
             print(result.summary(), flush=True)
             if not result.passed:
                 raise MergeVerificationError(

@@ -9,6 +9,19 @@ everywhere. Sources, in the order they are tried:
 2. a ``.gguf`` file (likewise converted once and cached);
 3. a local Hugging Face folder;
 4. a hub id already in the local cache (never downloaded: llamatune runs offline).
+
+The dtype policy, the same on every machine:
+
+* the **frozen base** runs in ``model.dtype``; ``auto`` is bfloat16 on GPUs with bf16 and on
+  CPUs that compute bf16 natively (AVX512-BF16, AMX), float32 elsewhere (emulated bf16 is
+  about 100x slower than fp32). ``LLAMATUNE_CPU_BF16=1|0`` forces either CPU path anywhere;
+* **trainable parameters** (LoRA matrices, score and value heads, every weight in full
+  fine-tuning) always have float32 master weights and float32 AdamW state, whatever the base
+  runs in (:func:`fp32_trainable`, applied when the optimizer is built); full fine-tuning
+  with ``auto`` therefore loads the base in float32;
+* a 4-bit base computes in ``model.compute_dtype`` (``auto``: as ``model.dtype``).
+
+Every stage prints the choice and the reason on its ``model:`` line.
 """
 
 from __future__ import annotations
@@ -27,7 +40,12 @@ from llamatune.errors import UserError
 
 __all__ = [
     "BUILTIN_MODELS",
+    "CPU_BF16_ENV",
     "cache_dir",
+    "cpu_bf16_choice",
+    "dtype_choice",
+    "dtype_summary",
+    "fp32_trainable",
     "load_model",
     "load_tokenizer",
     "lora_config",
@@ -35,6 +53,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "resolve_model_path",
+    "stored_dtype",
     "unwrap_model",
 ]
 
@@ -156,6 +175,43 @@ def resolve_device(device: str) -> str:
     return device
 
 
+CPU_BF16_ENV = "LLAMATUNE_CPU_BF16"
+"""``1`` or ``0`` forces llamatune's bf16 or fp32 CPU path for ``model.dtype: auto``."""
+
+
+def stored_dtype(folder: str) -> str:
+    """The dtype a model folder stores its floating-point weights in (``float32``, ``bfloat16`` ...).
+
+    Read from the safetensors headers (the most common floating dtype by element count), else
+    from ``config.json``; ``float32`` when neither says.
+    """
+    import struct
+
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+    counts: dict[str, int] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError, struct.error):
+            continue
+        for key, info in header.items():
+            if key != "__metadata__" and info.get("dtype") in names:
+                n = 1
+                for d in info.get("shape", []):
+                    n *= d
+                counts[names[info["dtype"]]] = counts.get(names[info["dtype"]], 0) + n
+    if counts:
+        return max(counts, key=counts.get)
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    value = cfg.get("dtype") or cfg.get("torch_dtype")
+    return value if isinstance(value, str) and value in names.values() else "float32"
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX).
 
@@ -169,17 +225,83 @@ def cpu_has_fast_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def cpu_bf16_choice() -> tuple[bool, str]:
+    """Whether ``model.dtype: auto`` runs the frozen base in bf16 on this CPU, and why.
+
+    ``LLAMATUNE_CPU_BF16=1`` or ``0`` forces either path on any CPU (tests run both).
+
+    Raises:
+        UserError: The variable holds something other than 0 or 1.
+    """
+    env = os.environ.get(CPU_BF16_ENV, "").strip()
+    if env in ("0", "1"):
+        return env == "1", f"{CPU_BF16_ENV}={env}"
+    if env:
+        raise UserError(f"{CPU_BF16_ENV}={env!r} is not 0 or 1; unset it to let llamatune "
+                        "decide from the CPU.")
+    if cpu_has_fast_bf16():
+        return True, "this CPU computes bf16 natively"
+    return False, "this CPU has no native bf16, so fp32 is faster"
+
+
 def resolve_dtype(name: str, device: str):
     """``auto``: bfloat16 on GPUs and CPUs with native bf16, float32 elsewhere."""
+    return dtype_choice(name, device)[0]
+
+
+def dtype_choice(name: str, device: str):
+    """The torch dtype for ``model.dtype`` (or ``model.compute_dtype``) and the reason.
+
+    Returns:
+        ``(dtype, why)``; ``why`` is a few words for the ``model:`` line.
+    """
     import torch
 
-    if name == "auto":
-        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if device == "cpu" and cpu_has_fast_bf16():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if name != "auto":
+        table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        return table[name], "as the recipe asks"
+    if device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: this GPU computes bf16"
+        return torch.float32, "auto: this GPU has no bf16"
+    if device == "cpu":
+        bf16, why = cpu_bf16_choice()
+        return (torch.bfloat16 if bf16 else torch.float32), f"auto: {why}"
+    return torch.float32, "auto"
+
+
+def fp32_trainable(model) -> list[str]:
+    """Give every trainable floating-point parameter float32 storage (the master weights).
+
+    Whatever the frozen base runs in, LoRA matrices and score/value heads train in float32,
+    so their AdamW moments (made like the parameters) are float32 too. peft already makes its
+    LoRA matrices float32 on a bf16 base; a head copied from the base (``modules_to_save``)
+    or a fully trained model would keep the base dtype without this.
+
+    Returns:
+        The names of the parameters that were cast.
+    """
+    import torch
+
+    cast = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            cast.append(name)
+    return cast
+
+
+def dtype_summary(model, base_dtype, why: str) -> str:
+    """``base bfloat16 (auto: ...), trainable float32`` for the ``model:`` line."""
+    trainable = sorted({_dtype_name(p.dtype) for p in model.parameters() if p.requires_grad})
+    text = f"base {_dtype_name(base_dtype)} ({why})"
+    if trainable:
+        text += f", trainable {'/'.join(trainable)} (AdamW state alike)"
+    return text
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def load_tokenizer(cfg: ModelConfig, folder: str | None = None):
@@ -287,6 +409,20 @@ class Loaded:
     """Where the model lives."""
     dtype: object
     """The weight dtype of the non-quantized parts."""
+    dtype_why: str = ""
+    """Why that dtype was chosen (for the ``model:`` line)."""
+    kernels: str = ""
+    """Which 4-bit kernel path runs (empty when the base is not 4-bit)."""
+
+    def describe(self, model=None) -> str:
+        """The dtypes (and 4-bit path) chosen, and why, for the ``model:`` line.
+
+        Args:
+            model: The model as the stage finished building it (default: :attr:`model`).
+        """
+        text = dtype_summary(model if model is not None else self.model, self.dtype,
+                             self.dtype_why)
+        return f"{text}; {self.kernels}" if self.kernels else text
 
 
 def load_model(
@@ -297,6 +433,8 @@ def load_model(
     adapter: str | None = None,
     trainable: bool = True,
     seed: int | None = None,
+    full: bool = False,
+    cpu_4bit_packing: bool = True,
 ) -> Loaded:
     """Load base model + tokenizer, optionally quantized, optionally with a LoRA adapter.
 
@@ -306,7 +444,14 @@ def load_model(
         task: ``causal_lm`` (language-model head) or ``reward`` (a scalar score head).
         adapter: A run directory (or adapter folder) whose adapter is loaded onto the base.
         trainable: Prepare for training (k-bit preparation, checkpointing, trainable adapter).
+            A trainable 4-bit model never uses bitsandbytes' CPU inference repacking
+            (:mod:`llamatune._bnb`), so no-grad forwards cannot change training.
         seed: Seeds adapter initialization.
+        full: Every weight will train (full fine-tuning): ``model.dtype: auto`` loads
+            float32, the dtype of trainable weights.
+        cpu_4bit_packing: For an inference-only 4-bit model, allow bitsandbytes' packed
+            AVX512-BF16 kernel where a layer's shape takes it (it computes in bf16; merge
+            verification turns it off to compare in float32).
 
     Returns:
         A :class:`Loaded` record.
@@ -316,10 +461,16 @@ def load_model(
     """
     import torch
 
+    from llamatune import _bnb
+
+    _bnb.quiet_import_noise()
     folder = resolve_model_path(mcfg.path)
     tokenizer = load_tokenizer(mcfg, folder)
     device = resolve_device(mcfg.device)
-    dtype = resolve_dtype(mcfg.dtype, device)
+    if full and trainable and mcfg.dtype == "auto":
+        dtype, why = torch.float32, "full fine-tuning: every weight trains, in float32"
+    else:
+        dtype, why = dtype_choice(mcfg.dtype, device)
     compute = dtype if mcfg.compute_dtype == "auto" else resolve_dtype(mcfg.compute_dtype, device)
     quant = bnb_config(mcfg, compute)
     kwargs = dict(
@@ -352,8 +503,13 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"model.path {mcfg.path}: the model could not be loaded ({e}).") from None
+    kernels = ""
     if quant is None:
         model.to(device)
+    elif mcfg.quantization == "4bit":
+        packed, total = _bnb.set_cpu_packing(model, allowed=cpu_4bit_packing and not trainable)
+        kernels = (f"4-bit nf4 layers compute in {_dtype_name(compute)} through "
+                   f"{_bnb.describe(packed, total, trainable, device)}")
     if model.config.pad_token_id is None or model.config.pad_token_id == tokenizer.eos_token_id:
         model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
@@ -389,7 +545,8 @@ def load_model(
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-    return Loaded(model=model, tokenizer=tokenizer, folder=folder, device=device, dtype=dtype)
+    return Loaded(model=model, tokenizer=tokenizer, folder=folder, device=device, dtype=dtype,
+                  dtype_why=why, kernels=kernels)
 
 
 def unwrap_model(model):

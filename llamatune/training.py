@@ -106,8 +106,17 @@ def create_output_dir(cfg: Config, out: Path) -> None:
 
 
 def build_optimizer(model, tcfg: TrainConfig):
-    """AdamW over trainable parameters; no weight decay on biases and norms."""
+    """AdamW over trainable parameters; no weight decay on biases and norms.
+
+    Trainable parameters are given float32 storage first (the dtype policy of
+    :mod:`llamatune.model`), so master weights and AdamW moments are float32 whatever the
+    frozen base computes in.
+    """
     import torch
+
+    from llamatune.model import fp32_trainable
+
+    fp32_trainable(model)
 
     decay, no_decay = [], []
     for name, p in model.named_parameters():

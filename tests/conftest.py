@@ -26,9 +26,19 @@ CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_hea
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(request, tmp_path_factory, monkeypatch):
-    """Fast tests get a fresh llamatune cache; slow ones share the user's (converted model)."""
+    """Fast tests get a fresh llamatune cache and the fp32 CPU path; slow ones run as users do.
+
+    ``model.dtype: auto`` picks bf16 on CPUs with native bf16 and fp32 elsewhere. Fast tests
+    take the fp32 path on every machine (``LLAMATUNE_CPU_BF16=0``), so they mean the same
+    everywhere; the tests of the bf16 path set ``LLAMATUNE_CPU_BF16=1`` themselves
+    (``tests/test_dtype.py``), so both paths run on any CPU. The slow end-to-end tests keep
+    the machine's own choice, as a user's run would.
+    """
     if request.node.get_closest_marker("slow") is None:
         monkeypatch.setenv("LLAMATUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        monkeypatch.setenv("LLAMATUNE_CPU_BF16", "0")
+    else:
+        monkeypatch.delenv("LLAMATUNE_CPU_BF16", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
@@ -96,6 +106,21 @@ def tiny_model_dir(tmp_path_factory, spm_dir) -> Path:
     tok = AutoTokenizer.from_pretrained(str(spm_dir))
     tok.add_special_tokens({"additional_special_tokens": CHAT_SPECIALS})
     return _tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_wide_model_dir(tmp_path_factory, spm_dir) -> Path:
+    """The tiny Llama at hidden 64 (every projection a multiple of 32 wide, inputs of 64).
+
+    Those are the shapes bitsandbytes' packed CPU inference kernel takes, so on AVX512-BF16
+    CPUs its repacking really happens on this model (the 32-wide one makes it fail instead).
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(spm_dir))
+    tok.add_special_tokens({"additional_special_tokens": CHAT_SPECIALS})
+    return _tiny_model_dir(tmp_path_factory.mktemp("tiny-wide-llama"), tok, hidden_size=64,
+                           intermediate_size=128)
 
 
 @pytest.fixture(scope="session")

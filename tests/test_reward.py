@@ -166,7 +166,7 @@ def test_accumulation_weighs_every_pair_equally(tmp_path, tiny_model_dir, pref_f
 
     states = []
     for i, (bs, acc) in enumerate(((4, 1), (2, 2))):
-        r, _ = _recipe(tmp_path / str(i), tiny_model_dir, pref_file,
+        r, _ = _recipe(tmp_path / str(i), tiny_model_dir, pref_file, model={"dtype": "float32"},
                        train={"max_steps": 1, "batch_size": bs, "grad_accum": acc,
                               "group_by_length": False})
         r.setup()
@@ -195,7 +195,8 @@ def test_margin_and_center_terms(tmp_path, tiny_model_dir, pref_file):
 
 
 def test_resume_continues_exactly(tmp_path, tiny_model_dir, pref_file):
-    base = dict(train={"max_steps": 6, "save_every": 3}, lora={"dropout": 0.1})
+    base = dict(train={"max_steps": 6, "save_every": 3}, lora={"dropout": 0.1},
+                model={"dtype": "float32"})
 
     def losses(run):
         return [x["loss"] for x in _rows(run) if "loss" in x]
@@ -220,7 +221,8 @@ def test_score_api_matches_training_model_and_keeps_row_order(tmp_path, tiny_mod
                                                               pref_file):
     import torch
 
-    r, _ = _recipe(tmp_path, tiny_model_dir, pref_file, train={"max_steps": 12})
+    r, _ = _recipe(tmp_path, tiny_model_dir, pref_file, train={"max_steps": 12},
+                   model={"dtype": "float32"})
     r.setup()
     r.train()
     r.cleanup()
@@ -299,11 +301,11 @@ def test_rm_starts_from_sft_run(tmp_path, tiny_model_dir, pref_file, alpaca_file
     from transformers import AutoModelForCausalLM
 
     sft_recipe = make_recipe(tmp_path / "sft", tiny_model_dir, alpaca_file,
-                             train={"max_steps": 2, "lr": 5e-2})
+                             model={"dtype": "float32"}, train={"max_steps": 2, "lr": 5e-2})
     assert cli(["sft", str(sft_recipe)]) == 0
     sft_run = tmp_path / "sft" / "run"
     r, _ = _recipe(tmp_path / "rm", tiny_model_dir, pref_file,
-                   model={"adapter": str(sft_run)}, train={"max_steps": 3})
+                   model={"adapter": str(sft_run), "dtype": "float32"}, train={"max_steps": 3})
     r.setup()
     # The reward model's frozen backbone holds base + SFT delta.
     lm = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))

@@ -63,7 +63,7 @@ def test_accumulation_weighs_every_token_equally(tmp_path, tiny_model_dir, alpac
 
     states = []
     for i, (bs, acc) in enumerate(((4, 1), (2, 2))):
-        r = _recipe(tmp_path / str(i), tiny_model_dir, alpaca_file,
+        r = _recipe(tmp_path / str(i), tiny_model_dir, alpaca_file, model={"dtype": "float32"},
                     train={"max_steps": 1, "batch_size": bs, "grad_accum": acc, "lr": 1e-2,
                            "group_by_length": False},
                     data={"eval_split": 0})
@@ -79,7 +79,8 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir, alpaca_file):
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         return [x["loss"] for x in rows if "loss" in x]
 
-    base = dict(train={"max_steps": 6, "save_every": 3}, lora={"dropout": 0.1})
+    base = dict(train={"max_steps": 6, "save_every": 3}, lora={"dropout": 0.1},
+                model={"dtype": "float32"})
     r = _recipe(tmp_path / "a", tiny_model_dir, alpaca_file, **base)
     r.setup()
     r.train()

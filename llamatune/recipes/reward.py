@@ -167,8 +167,9 @@ def sequence_rewards(model, input_ids, attention_mask):
     last = (steps * mask).argmax(-1)
     h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     head = inner.score
-    # The head may be kept in float32 (k-bit preparation) while the backbone runs in bf16.
-    h = h.to(next(head.parameters()).dtype)
+    # The head trains in float32 (the dtype policy) while the backbone may run in bf16. peft's
+    # wrapper of a trained head forwards `.weight` to the copy that actually runs.
+    h = h.to(head.weight.dtype)
     return head(h).squeeze(-1).float()
 
 
@@ -250,7 +251,8 @@ class RewardRecipe:
         training.set_seed(cfg.train.seed)
         # The base comes without an adapter so that an SFT adapter can be merged into it
         # first; the reward adapter then trains on top of the SFT model's weights.
-        loaded = load_model(cfg.model, None, task="reward", trainable=True, seed=cfg.train.seed)
+        loaded = load_model(cfg.model, None, task="reward", trainable=True, seed=cfg.train.seed,
+                            full=not cfg.lora.enabled)
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
         self._keep_sft_copy(sft)
         if sft is not None:
@@ -263,17 +265,17 @@ class RewardRecipe:
         else:
             for p in self.model.parameters():
                 p.requires_grad_(True)
-        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        n_all = sum(p.numel() for p in self.model.parameters())
-        print(f"model: {cfg.model.path}{' + SFT ' + sft if sft else ''} on {self.device}, "
-              f"{n_all:,} parameters, {n_train:,} trainable "
-              f"({100 * n_train / max(n_all, 1):.2f}%)", flush=True)
-
         self.pad_id = self.tokenizer.pad_token_id
         n_micro = len(pair_batches(self.train_samples, cfg.train, 0, self.pad_id))
         self.steps_per_epoch = max(1, math.ceil(n_micro / cfg.train.grad_accum))
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
         self.optimizer = training.build_optimizer(self.model, cfg.train)
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.model.parameters())
+        print(f"model: {cfg.model.path}{' + SFT ' + sft if sft else ''} on {self.device}, "
+              f"{n_all:,} parameters, {n_train:,} trainable "
+              f"({100 * n_train / max(n_all, 1):.2f}%); {loaded.describe(self.model)}",
+              flush=True)
         self.scheduler = training.build_scheduler(self.optimizer, cfg.train, self.total_steps)
         resume_step = None
         if cfg.resume:

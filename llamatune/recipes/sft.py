@@ -114,21 +114,21 @@ class SFTRecipe:
         training.create_output_dir(cfg, self.run_dir)
         training.set_seed(cfg.train.seed)
         loaded = load_model(cfg.model, cfg.lora, adapter=self._init_adapter(), trainable=True,
-                            seed=cfg.train.seed)
+                            seed=cfg.train.seed, full=not cfg.lora.enabled and cfg.model.adapter is None)
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
         if not cfg.lora.enabled and cfg.model.adapter is None:
             for p in self.model.parameters():
                 p.requires_grad_(True)
-        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        n_all = sum(p.numel() for p in self.model.parameters())
-        print(f"model: {cfg.model.path} on {self.device}, {n_all:,} parameters, "
-              f"{n_train:,} trainable ({100 * n_train / max(n_all, 1):.2f}%)", flush=True)
-
         self.pad_id = self.tokenizer.pad_token_id
         n_micro = len(training.epoch_batches(self.train_samples, cfg.train, 0, self.pad_id))
         self.steps_per_epoch = max(1, math.ceil(n_micro / cfg.train.grad_accum))
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
         self.optimizer = training.build_optimizer(self.model, cfg.train)
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.model.parameters())
+        print(f"model: {cfg.model.path} on {self.device}, {n_all:,} parameters, "
+              f"{n_train:,} trainable ({100 * n_train / max(n_all, 1):.2f}%); "
+              f"{loaded.describe(self.model)}", flush=True)
         self.scheduler = training.build_scheduler(self.optimizer, cfg.train, self.total_steps)
         resume_step = None
         if cfg.resume:
