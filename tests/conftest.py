@@ -20,8 +20,8 @@ WORDS = (
     "blue green red sun moon why because instruction input response below describes task "
     "user assistant chat between curious artificial intelligence gives detailed polite"
 ).split()
-CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>",
-                 "<|eot_id|>"]
+CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+                 "<|end_header_id|>", "<|eot_id|>"]
 
 
 @pytest.fixture(autouse=True)
@@ -133,6 +133,42 @@ def tiny_tokenizer(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     set_pad_token(tok)
     return tok
+
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eot_id|>", "<|finetune_right_pad_id|>"]
+
+
+def build_llama3_tokenizer(folder: Path, bos_post_processor: bool) -> Path:
+    """A byte-level BPE tokenizer shaped like Llama-3's, saved as tokenizer.json + config.
+
+    Llama-3's published ``tokenizer.json`` files differ in whether their post-processor adds
+    ``<|begin_of_text|>``; ``bos_post_processor`` picks which kind this one is.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(7)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16))) for _ in range(2000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=LLAMA3_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos_post_processor:
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                          pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                          special_tokens=[("<|begin_of_text|>", 0)])])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                   eos_token="<|eot_id|>")
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(folder))
+    return folder
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

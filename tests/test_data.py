@@ -149,6 +149,22 @@ def test_invariants_counts_truncation_and_drops(tiny_tokenizer, alpaca_file):
     assert st.dropped_too_long == st.records - st.samples > 0
 
 
+def test_invariant_counts_are_of_the_samples_as_trained(tiny_tokenizer, alpaca_file):
+    """With some samples cut and some left with nothing to learn, the counts still add up."""
+    recs = read_records(alpaca_file, "alpaca")
+    full, _ = tokenize_conversations(recs, tiny_tokenizer, "alpaca", max_length=512)
+    first_sup = sorted({s["labels"].index(next(t for t in s["labels"] if t != -100))
+                        for s in full})
+    length = first_sup[len(first_sup) // 2] + 1  # some prompts are longer, some shorter
+    kept, st = tokenize_conversations(recs, tiny_tokenizer, "alpaca", max_length=length)
+    assert st.dropped_unsupervised > 0 and st.truncated > 0
+    assert st.samples == len(kept) == st.records - st.dropped_unsupervised
+    assert st.truncated == sum(len(s["input_ids"]) == length for s in kept)
+    assert st.bos_ok == st.samples
+    assert st.end_ok == st.samples - st.truncated
+    assert f"end token supervised {st.end_ok}/{st.samples - st.truncated}" in st.summary()
+
+
 def test_tokenization_cache_hit(tiny_tokenizer, alpaca_file, tmp_path, monkeypatch):
     import llamatune.data.tokenize as tk
 

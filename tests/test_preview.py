@@ -65,3 +65,21 @@ def test_broken_third_line_stops_sft(tmp_path, tiny_model_dir, capsys):
     err = capsys.readouterr().err
     assert f"{data}:3: not valid JSON" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_preview_llama3_without_bos_post_processor(tmp_path, tiny_model_dir, capsys):
+    """A Llama-3 tokenizer.json that adds no BOS still gets <|begin_of_text|> on every sample."""
+    from conftest import build_llama3_tokenizer
+
+    tok_dir = build_llama3_tokenizer(tmp_path / "llama3-tok", bos_post_processor=False)
+    data = write_jsonl(tmp_path / "v.jsonl", CONVS)
+    recipe = make_recipe(tmp_path, tiny_model_dir, data, model={"tokenizer": str(tok_dir)},
+                         data={"format": "sharegpt", "template": "llama3", "eval_split": 0})
+    assert cli(["preview", str(recipe), "--json", "-n", "3"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert row["text"].startswith("<|begin_of_text|><|start_header_id|>")
+        assert row["input_ids"][0] == 0 and row["input_ids"].count(0) == 1  # its id in this vocab
+    assert cli(["preview", str(recipe), "-n", "1"]) == 0
+    assert "BOS ok 3/3, end token supervised 3/3" in capsys.readouterr().out

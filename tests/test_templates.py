@@ -21,7 +21,7 @@ GOLDEN = {
     "vicuna": "<s>be helpful USER: hello ASSISTANT: the cat sat</s>USER: why ASSISTANT: because</s>",
     "llama2": "<s>[INST] <<SYS>>\nbe helpful\n<</SYS>>\n\nhello [/INST] the cat sat </s>"
               "<s>[INST] why [/INST] because </s>",
-    "llama3": "<s><|start_header_id|>system<|end_header_id|>\n\nbe helpful<|eot_id|>"
+    "llama3": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nbe helpful<|eot_id|>"
               "<|start_header_id|>user<|end_header_id|>\n\nhello<|eot_id|>"
               "<|start_header_id|>assistant<|end_header_id|>\n\nthe cat sat<|eot_id|>"
               "<|start_header_id|>user<|end_header_id|>\n\nwhy<|eot_id|>"
@@ -116,10 +116,14 @@ def test_alpaca_with_and_without_input(tiny_tokenizer):
 
 
 def test_exactly_one_bos(tiny_tokenizer):
-    for name in ("alpaca", "vicuna", "llama3"):
+    for name in ("alpaca", "vicuna"):
         ids = render(tiny_tokenizer, name, CONV).input_ids
         assert ids[0] == tiny_tokenizer.bos_token_id
         assert ids.count(tiny_tokenizer.bos_token_id) == 1, name
+    ids = render(tiny_tokenizer, "llama3", CONV).input_ids  # its own BOS, not the tokenizer's
+    begin = tiny_tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
+    assert ids[0] == begin and ids.count(begin) == 1
+    assert tiny_tokenizer.bos_token_id not in ids
     assert tiny_tokenizer.bos_token_id not in render(tiny_tokenizer, "chatml", CONV).input_ids
     ids = render(tiny_tokenizer, "llama2", CONV).input_ids  # one BOS per exchange, by design
     assert ids.count(tiny_tokenizer.bos_token_id) == 2
@@ -200,3 +204,30 @@ def test_llama2_matches_meta_reference(spm_dir, llama2_tokenizer, dialog):
     if len(dialog) > 2:  # the training sample: every complete exchange, no open turn
         done = dialog[:-1]
         assert render(llama2_tokenizer, "llama2", done).input_ids == meta_reference(sp, done)
+
+
+@pytest.mark.parametrize("post_processor", [False, True], ids=["no-bos-post", "bos-post"])
+def test_llama3_always_starts_with_begin_of_text(tmp_path, post_processor):
+    """Meta's format begins with <|begin_of_text|>, whatever the tokenizer.json adds."""
+    from conftest import build_llama3_tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(build_llama3_tokenizer(tmp_path, post_processor)))
+    begin = tok.convert_tokens_to_ids("<|begin_of_text|>")
+    assert (tok("hello")["input_ids"][0] == begin) is post_processor
+    for msgs, gen in ((CONV, False), (CONV[:2], True), (CONV[1:2], True)):
+        r = render(tok, "llama3", msgs, add_generation_prompt=gen)
+        assert r.input_ids[0] == begin and r.input_ids.count(begin) == 1
+        assert r.text.startswith("<|begin_of_text|><|start_header_id|>")
+        # The saved chat template renders the same text (so plain transformers agrees).
+        tok.chat_template = to_jinja(tok, "llama3")
+        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == r.text
+    # Templates without a BOS of their own follow the tokenizer's convention.
+    alpaca = render(tok, "alpaca", CONV).input_ids
+    assert (alpaca[0] == begin) is post_processor and alpaca.count(begin) == int(post_processor)
+    assert begin not in render(tok, "vicuna", CONV).input_ids[1:]
+
+
+def test_llama3_needs_its_begin_token(llama2_tokenizer):
+    with pytest.raises(UserError, match="<\\|begin_of_text\\|>"):
+        render(llama2_tokenizer, "llama3", CONV)

@@ -22,6 +22,7 @@ __all__ = [
     "TEMPLATES",
     "Rendered",
     "Template",
+    "bos_token_id",
     "get_template",
     "render",
     "stop_token_ids",
@@ -68,6 +69,9 @@ class Template:
     """Unsupervised text after the end token (a newline in ChatML)."""
     bos: bool = True
     """Start with the tokenizer's BOS, if the tokenizer's own convention starts with one."""
+    bos_token: str | None = None
+    """The template's own BOS token (Llama-2 ``<s>``, Llama-3 ``<|begin_of_text|>``): emitted
+    whatever the tokenizer's post-processor does, because the format itself begins with it."""
     strip: bool = False
     """Strip whitespace around message contents."""
     llama2: bool = False
@@ -105,6 +109,7 @@ TEMPLATES: dict[str, Template] = {
             system="",
             llama2=True,
             strip=True,
+            bos_token="<s>",
         ),
         Template(
             name="llama3",
@@ -114,6 +119,7 @@ TEMPLATES: dict[str, Template] = {
             assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
             end="<|eot_id|>",
             strip=True,
+            bos_token="<|begin_of_text|>",
         ),
         Template(
             name="chatml",
@@ -185,6 +191,8 @@ class Rendered:
     """The rendered text, special tokens written out."""
     bos_added: bool
     """Whether the template placed a BOS token at position 0."""
+    bos_id: int | None = None
+    """The BOS id the template uses (see :func:`bos_token_id`)."""
 
 
 def _uses_bos(tokenizer) -> bool:
@@ -193,6 +201,29 @@ def _uses_bos(tokenizer) -> bool:
         return False
     ids = tokenizer("a")["input_ids"]
     return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def bos_token_id(tokenizer, template: Template | str) -> int | None:
+    """The BOS id a template starts sequences with, or ``None`` when it starts with none.
+
+    * Templates with a BOS of their own (``llama2``: ``<s>``, ``llama3``:
+      ``<|begin_of_text|>``) always start with it, whatever the tokenizer's post-processor
+      does (some published Llama-3 ``tokenizer.json`` files add none). ``llama2`` on a
+      vocabulary without ``<s>`` (SmolLM2, say) uses the tokenizer's BOS in its place;
+      ``llama3`` requires its token (see :func:`render`'s special-token check).
+    * The others (``alpaca``, ``vicuna``) follow the tokenizer's convention: BOS exactly when
+      the tokenizer itself starts sequences with one; ``chatml`` never has one, and
+      ``tokenizer`` defers to the tokenizer's own chat template.
+    """
+    tpl = get_template(template) if isinstance(template, str) else template
+    if tpl.name == "tokenizer":
+        return None
+    if tpl.bos_token is not None:
+        vocab = tokenizer.get_vocab()
+        if tpl.bos_token in vocab:
+            return vocab[tpl.bos_token]
+        return tokenizer.bos_token_id
+    return tokenizer.bos_token_id if tpl.bos and _uses_bos(tokenizer) else None
 
 
 def _normalize(messages: list[dict], tpl: Template, system: str | None) -> tuple[str | None, list]:
@@ -337,15 +368,16 @@ def _units_tokenizer(tokenizer, messages, add_generation_prompt) -> list[Unit]:
     return [u for u in units if not u.empty]
 
 
-def _tokenize_units(tokenizer, units: list[Unit]) -> tuple[list[int], list[int], str]:
+def _tokenize_units(tokenizer, units: list[Unit], bos_id: int | None
+                    ) -> tuple[list[int], list[int], str]:
     ids: list[int] = []
     labels: list[int] = []
     text = []
     for u in units:
         if u.bos:
-            ids.append(tokenizer.bos_token_id)
+            ids.append(bos_id)
             labels.append(-100)
-            text.append(tokenizer.bos_token)
+            text.append(tokenizer.convert_ids_to_tokens(bos_id))
         body = "".join(t for t, _ in u.parts)
         if body:
             flags = {s for _, s in u.parts}
@@ -378,7 +410,7 @@ def _tokenize_units(tokenizer, units: list[Unit]) -> tuple[list[int], list[int],
 def _check_special(tokenizer, tpl: Template) -> None:
     needed = [tpl.end] if tpl.end != "eos" else []
     if tpl.name == "llama3":
-        needed += ["<|start_header_id|>", "<|end_header_id|>"]
+        needed += ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]
     if tpl.name == "chatml":
         needed += ["<|im_start|>"]
     vocab = tokenizer.get_vocab()
@@ -391,6 +423,10 @@ def _check_special(tokenizer, tpl: Template) -> None:
         )
     if tpl.end == "eos" and tokenizer.eos_token_id is None:
         raise UserError(f"data.template {tpl.name} ends answers with EOS, but the tokenizer has none.")
+    if tpl.bos_token is not None and bos_token_id(tokenizer, tpl) is None:
+        raise UserError(f"data.template {tpl.name} starts with {tpl.bos_token}, which this "
+                        "tokenizer has no token for (nor any BOS token); pick a template that "
+                        "matches the model.")
 
 
 def render(
@@ -419,18 +455,18 @@ def render(
         if system is not None and (not msgs or msgs[0]["role"] != "system"):
             msgs = [{"role": "system", "content": system}] + msgs
         units = _units_tokenizer(tokenizer, msgs, add_generation_prompt)
-        bos_added = False
+        bos_id = None
     else:
         _check_special(tokenizer, tpl)
         sys_text, msgs = _normalize(messages, tpl, system)
+        bos_id = bos_token_id(tokenizer, tpl)
         if tpl.llama2:
             units = _units_llama2(sys_text, msgs, add_generation_prompt)
-            bos_added = True
         else:
-            bos_added = tpl.bos and _uses_bos(tokenizer)
-            units = _units_generic(tpl, sys_text, msgs, bos_added, add_generation_prompt)
-    ids, labels, text = _tokenize_units(tokenizer, units)
-    return Rendered(input_ids=ids, labels=labels, text=text, bos_added=bos_added)
+            units = _units_generic(tpl, sys_text, msgs, bos_id is not None, add_generation_prompt)
+    ids, labels, text = _tokenize_units(tokenizer, units, bos_id)
+    return Rendered(input_ids=ids, labels=labels, text=text, bos_added=bos_id is not None,
+                    bos_id=bos_id)
 
 
 def stop_token_ids(tokenizer, template: Template | str) -> list[int]:
@@ -489,13 +525,15 @@ def to_jinja(tokenizer, template: Template | str, system: str | None = None) -> 
             "{% if message['role'] == 'user' %}"
             "{% set content = (system_message + message['content']) if loop.first "
             "else message['content'] %}"
-            "{{ bos_token }}[INST] {{ content | trim }} [/INST]"
+            "{{ " + _jinja_str(tokenizer.convert_ids_to_tokens(bos_token_id(tokenizer, tpl)))
+            + " }}[INST] {{ content | trim }} [/INST]"
             "{% elif message['role'] == 'assistant' %}"
             " {{ message['content'] | trim }} {{ eos_token }}"
             "{% endif %}"
             "{% endfor %}"
         )
-    bos = "{{ bos_token }}" if tpl.bos and _uses_bos(tokenizer) else ""
+    bos_id = bos_token_id(tokenizer, tpl)
+    bos = "" if bos_id is None else "{{ " + _jinja_str(tokenizer.convert_ids_to_tokens(bos_id)) + " }}"
     end = "{{ eos_token }}" if tpl.end == "eos" else tpl.end
     parts = [
         "{% if messages[0]['role'] == 'system' %}",

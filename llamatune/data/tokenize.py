@@ -1,9 +1,10 @@
 """Records to token ids and labels, with the invariants checked on every sample.
 
-Checked before any training starts, counts reported:
+Checked before any training starts on every sample as it will be trained (after truncation,
+dropped samples left out), counts reported:
 
-* BOS: position 0 holds BOS exactly when the template adds one, and no sample starts
-  with two of them;
+* BOS: position 0 holds the template's BOS exactly when the template starts with one
+  (:func:`~llamatune.data.templates.bos_token_id`), and no sample starts with two of them;
 * end token: every sample that was not truncated has a supervised end token (EOS or the
   template's end-of-turn token) as its last supervised token;
 * something to learn: samples without a supervised token are dropped (an error if none
@@ -26,7 +27,7 @@ from llamatune.errors import UserError
 
 __all__ = ["Stats", "tokenize_conversations", "tokenize_preferences", "tokenizer_fingerprint"]
 
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"
 
 
 @dataclass
@@ -97,29 +98,31 @@ def _save_cache(path, samples, stats):
     os.replace(tmp, path)
 
 
-def _check(rendered, tokenizer, ends: set[int], loc: str, stats: Stats) -> None:
-    ids, labels = rendered.input_ids, rendered.labels
-    bos = tokenizer.bos_token_id
+def _check(ids, labels, bos: int | None, truncated: bool, ends: set[int], loc: str,
+           stats: Stats) -> tuple[bool, bool]:
+    """Check one sample as it will be trained; return ``(bos_ok, end_ok)``.
+
+    ``bos`` is the template's BOS id (``None``: the template starts with none); the end-token
+    check applies to samples that were not truncated.
+    """
     doubled = bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos
-    placed = (not rendered.bos_added) or (ids and ids[0] == bos)
-    if doubled or not placed:
+    placed = bos is None or (bool(ids) and ids[0] == bos)
+    bos_ok = not doubled and placed
+    if not bos_ok:
         stats.problems.append(f"{loc}: {'two BOS tokens' if doubled else 'BOS missing'}")
-    else:
-        stats.bos_ok += 1
     sup = [t for t in labels if t != -100]
-    if sup and sup[-1] in ends:
-        stats.end_ok += 1
-    elif sup:
+    end_ok = bool(sup) and sup[-1] in ends
+    if sup and not end_ok and not truncated:
         stats.problems.append(f"{loc}: the last supervised token is not an end token")
+    return bos_ok, end_ok and not truncated
 
 
-def _fit(ids, labels, max_length, truncation, stats):
+def _fit(ids, labels, max_length, truncation):
+    """``(ids, labels, truncated)`` within ``max_length``; ``(None, None, True)`` when dropped."""
     if len(ids) <= max_length:
         return ids, labels, False
     if truncation == "drop":
-        stats.dropped_too_long += 1
         return None, None, True
-    stats.truncated += 1
     return ids[:max_length], labels[:max_length], True
 
 
@@ -161,18 +164,21 @@ def tokenize_conversations(
     samples = []
     for rec in records:
         r = render(tokenizer, template, rec["messages"], system=system)
-        _check(r, tokenizer, ends, rec["loc"], stats)
-        ids, labels, cut = _fit(r.input_ids, r.labels, max_length, truncation, stats)
+        ids, labels, cut = _fit(r.input_ids, r.labels, max_length, truncation)
         if ids is None:
+            stats.dropped_too_long += 1
             continue
         n_sup = sum(1 for t in labels if t != -100)
         if n_sup == 0:
             stats.dropped_unsupervised += 1
-            if cut:
-                stats.truncated -= 1
             continue
+        # Counted as trained: after truncation, dropped samples left out.
+        bos_ok, end_ok = _check(ids, labels, r.bos_id, cut, ends, rec["loc"], stats)
         samples.append({"input_ids": ids, "labels": labels})
         stats.samples += 1
+        stats.truncated += cut
+        stats.bos_ok += bos_ok
+        stats.end_ok += end_ok
         stats.tokens += len(ids)
         stats.supervised += n_sup
     _finish(stats, "data.path")
@@ -204,20 +210,20 @@ def tokenize_preferences(
     stats = Stats(records=len(records))
     samples = []
     for rec in records:
-        sides = []
-        for side in ("chosen", "rejected"):
-            r = render(tokenizer, template, rec["prompt"] + rec[side], system=system)
-            _check(r, tokenizer, ends, rec["loc"], stats)
-            sides.append(r.input_ids)
-        if max(len(s) for s in sides) > max_length:
+        sides = [render(tokenizer, template, rec["prompt"] + rec[side], system=system)
+                 for side in ("chosen", "rejected")]
+        if max(len(r.input_ids) for r in sides) > max_length:
             stats.dropped_too_long += 1
             continue
-        samples.append({"chosen_ids": sides[0], "rejected_ids": sides[1],
+        # A pair counts as one sample: both of its sides must pass.
+        oks = [_check(r.input_ids, r.labels, r.bos_id, False, ends, rec["loc"], stats)
+               for r in sides]
+        samples.append({"chosen_ids": sides[0].input_ids, "rejected_ids": sides[1].input_ids,
                         "group": rec.get("group")})
         stats.samples += 1
-        stats.tokens += len(sides[0]) + len(sides[1])
-    stats.bos_ok //= 2
-    stats.end_ok //= 2
+        stats.bos_ok += all(ok[0] for ok in oks)
+        stats.end_ok += all(ok[1] for ok in oks)
+        stats.tokens += len(sides[0].input_ids) + len(sides[1].input_ids)
     _finish(stats, "data.path")
     _save_cache(path, samples, stats)
     return samples, stats
