@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -172,8 +173,8 @@ class DataConfig:
 class TrainConfig:
     """The optimization loop."""
 
-    max_steps: int = 0
-    """Optimizer steps to run; 0 means ``train.epochs`` full passes."""
+    max_steps: int | None = 0
+    """Optimizer steps to run; 0, -1 or null: no step cap, ``train.epochs`` full passes."""
     epochs: float = 1.0
     """Passes over the training data (used when ``train.max_steps`` is 0)."""
     batch_size: int = 4
@@ -211,6 +212,11 @@ class TrainConfig:
     progress: bool = True
     """Show the progress bar."""
 
+    @property
+    def step_cap(self) -> int:
+        """``train.max_steps`` as a number of steps, 0 when there is no cap (0, -1 or null)."""
+        return self.max_steps if self.max_steps and self.max_steps > 0 else 0
+
     def problems(self) -> list[tuple[str, str]]:
         """Cross-field checks.
 
@@ -221,10 +227,13 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum", "max_length", "log_every"):
             if getattr(self, key) < 1:
                 out.append((f"train.{key}", f"must be >= 1, got {getattr(self, key)}"))
-        for key in ("max_steps", "eval_every", "save_every", "warmup_steps", "keep_checkpoints"):
+        if self.max_steps is not None and self.max_steps < -1:
+            out.append(("train.max_steps", f"must be >= 0 (or -1/null for no step cap), got "
+                        f"{self.max_steps}"))
+        for key in ("eval_every", "save_every", "warmup_steps", "keep_checkpoints"):
             if getattr(self, key) < 0:
                 out.append((f"train.{key}", f"must be >= 0, got {getattr(self, key)}"))
-        if self.max_steps == 0 and self.epochs <= 0:
+        if not self.step_cap and self.epochs <= 0:
             out.append(("train.epochs", "must be > 0 when train.max_steps is 0"))
         if self.lr <= 0:
             out.append(("train.lr", f"must be > 0, got {self.lr}"))
@@ -309,7 +318,7 @@ def _type_name(hint) -> str:
         return "a list of " + _type_name(typing.get_args(hint)[0]) + "s"
     if origin is dict:
         return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
+    return {int: "an integer", float: "a finite number", bool: "true/false", str: "a string"}.get(
         hint, "null" if hint is type(None) else str(hint)
     )
 
@@ -349,13 +358,17 @@ def _coerce(value, hint):
         raise TypeError
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:  # YAML 1.1 reads "2e-4" as a string; accept it as the number it obviously is.
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise TypeError from None
-        raise TypeError
+        else:
+            raise TypeError
+        if not math.isfinite(number):
+            raise TypeError
+        return number
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -395,6 +408,43 @@ def _yaml_key_lines(text: str) -> dict[str, int]:
     return lines
 
 
+def _read_yaml(p: Path) -> tuple[dict, str]:
+    """The recipe as a mapping, and its text; every way a file can be wrong is a ConfigError."""
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not UTF-8 text; a recipe is a YAML file (`llamatune cp "
+                          "alpaca my.yaml` copies one to start from)") from None
+    except OSError as e:
+        raise ConfigError(f"recipe {p} cannot be read ({e.strerror})") from None
+    if not text.strip():
+        raise ConfigError(f"{p} is empty; a recipe is a YAML mapping of sections (model, lora, "
+                          "data, train) to keys (`llamatune cp alpaca my.yaml` copies one)")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{p}:{mark.line + 1}" if mark else str(p)
+        problem = getattr(e, "problem", None) or str(e)
+        tab = "\t" in problem or "'\\t'" in problem  # PyYAML writes the tab as '\t'
+        hint = "; YAML indents with spaces, never tabs" if tab else ""
+        raise ConfigError(f"{at}: not valid YAML ({problem}){hint}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid YAML (nested too deeply)") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        kind = "a list" if isinstance(raw, list) else f"a single {type(raw).__name__} value"
+        raise ConfigError(f"{p}: the recipe is {kind}; a recipe must be a YAML mapping of "
+                          "sections to keys (model:, data:, train: ...)")
+    bad = [k for k in raw if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{p}: {bad[0]!r} is not a recipe key (keys are names such as "
+                          "model or train)")
+    return raw, text
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Parse ``section.key=value`` strings; values are read as YAML scalars or lists.
 
@@ -416,7 +466,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             continue
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             out[key.strip()] = raw
     if bad:
         raise ConfigError("; ".join(bad))
@@ -447,15 +497,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | dict | No
                 f"recipe {path} does not exist. `llamatune ls` lists the shipped recipes; "
                 "`llamatune cp NAME my.yaml` copies one to edit."
             )
-        text = p.read_text()
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a recipe must be a YAML mapping of sections to keys")
+        raw, text = _read_yaml(p)
         lines = _yaml_key_lines(text)
     ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
 

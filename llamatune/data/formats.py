@@ -15,6 +15,7 @@ together, naming file, line (or row) and field.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -55,11 +56,95 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
+_BOM = b"\xef\xbb\xbf"
+_NOT_TEXT = "not UTF-8 text{}; save the file as UTF-8 (is it a data file at all?)"
+
+
+def _decode_error(e: UnicodeDecodeError) -> str:
+    return _NOT_TEXT.format(f" (byte 0x{e.object[e.start]:02x} at column {e.start + 1})")
+
+
+def _iter_jsonl(f: Path):
+    """JSON Lines as editors save them: UTF-8 with or without a BOM, LF or CRLF line ends."""
+    with open(f, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            if n == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                # Another encoding or not text at all: every later line would say the same.
+                raise UserError(f"{f}:{n}: {_decode_error(e)}. A .jsonl file is UTF-8 text, one "
+                                "JSON object per line.") from None
+            if not line.strip():
+                continue
+            try:
+                yield f"{f}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{f}:{n}", RowError("", f"not valid JSON ({e.msg}, column {e.colno})")
+            except RecursionError:
+                yield f"{f}:{n}", RowError("", "JSON nested too deeply to read")
+
+
+def _iter_json(f: Path):
+    try:
+        data = json.loads(f.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{f}: {_decode_error(e)}.") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{f}:{e.lineno}: not valid JSON ({e.msg}).") from None
+    except RecursionError:
+        raise UserError(f"{f}: JSON nested too deeply to read.") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise UserError(f"{f}: a .json data file must hold a list of records (a JSON array).")
+    for n, row in enumerate(data, 1):
+        yield f"{f}:row {n}", row
+
+
+def _iter_csv(f: Path):
+    import csv
+
+    try:
+        text = f.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise UserError(f"{f}:{line}: {_NOT_TEXT.format('')}.") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            if None in row:  # more cells than header names
+                yield f"{f}:{reader.line_num}", RowError("", "has more cells than the header row")
+                continue
+            yield f"{f}:{reader.line_num}", dict(row)
+    except csv.Error as e:
+        raise UserError(f"{f}:{reader.line_num}: not valid CSV ({e}).") from None
+
+
+def _iter_parquet(f: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(f).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{f}: not a readable Parquet file ({e}).") from None
+    for n, row in enumerate(rows, 1):
+        yield f"{f}:row {n}", row
+
+
+_READERS = {".jsonl": _iter_jsonl, ".json": _iter_json, ".csv": _iter_csv,
+            ".parquet": _iter_parquet}
+
+
 def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     """Yield ``(location, row)`` for every row of a file, folder or cached dataset.
 
     Locations are ``file:line`` for JSONL and CSV, ``file:row N`` otherwise. A JSONL line that
-    is not valid JSON yields a :class:`RowError` as its row so the caller can report it.
+    is not valid JSON yields a :class:`RowError` as its row so the caller can report it with
+    the others; a file that is not UTF-8 text, or cannot be read at all, raises
+    :class:`UserError` naming the file (and line).
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -70,38 +155,7 @@ def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
         yield from _iter_saved(p)
         return
     for f in _files(p):
-        if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield f"{f}:{n}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        yield f"{f}:{n}", RowError("", f"not valid JSON ({e.msg}, column {e.colno})")
-        elif f.suffix == ".json":
-            try:
-                data = json.loads(f.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{f}:{e.lineno}: not valid JSON ({e.msg}).") from None
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
-            if not isinstance(data, list):
-                raise UserError(f"{f}: a .json data file must hold a list of records.")
-            for n, row in enumerate(data, 1):
-                yield f"{f}:row {n}", row
-        elif f.suffix == ".csv":
-            import csv
-
-            with open(f, encoding="utf-8", newline="") as fh:
-                reader = csv.DictReader(fh)
-                for row in reader:
-                    yield f"{f}:{reader.line_num}", dict(row)
-        else:
-            import pyarrow.parquet as pq
-
-            for n, row in enumerate(pq.read_table(f).to_pylist(), 1):
-                yield f"{f}:row {n}", row
+        yield from _READERS[f.suffix](f)
 
 
 def _iter_saved(p: Path):
@@ -321,21 +375,46 @@ def read_records(
         try:
             if isinstance(row, RowError):
                 raise row
+            if not isinstance(row, dict):
+                raise RowError("", f"a record must be a JSON object, got {_kind(row)}")
             rec = reader(row, fields)
+            rec["group"] = _group(row, group_by)
         except RowError as e:
             where = f"field {e.field!r} " if e.field else ""
             errors.append(f"{loc}: {where}{e.message}")
             continue
         rec["loc"] = loc
-        rec["group"] = str(row.get(group_by)) if group_by and isinstance(row, dict) else None
         records.append(rec)
     if errors:
         shown = "; ".join(errors[:MAX_REPORTED])
         more = f" (and {len(errors) - MAX_REPORTED} more)" if len(errors) > MAX_REPORTED else ""
-        raise UserError(
-            f"{len(errors)} bad row(s) in {key} ({fmt} format): {shown}{more}. Fix the rows, "
-            "or map your field names with data.fields (e.g. data.fields={output: response})."
-        )
+        hint = ("Fix the rows, or map your field names with data.fields (e.g. "
+                "data.fields={output: response}).")
+        if group_by and all(f"field {group_by!r} is missing" in e for e in errors):
+            hint = (f"data.eval_group_by={group_by} holds out whole groups named by that field, "
+                    "so every row needs it; add it, or hold out rows instead by removing "
+                    "data.eval_group_by.")
+        raise UserError(f"{len(errors)} bad row(s) in {key} ({fmt} format): {shown}{more}. {hint}")
     if not records:
-        raise UserError(f"{key} {path}: no records found.")
+        p = Path(path).expanduser()
+        what = "is empty" if p.is_file() and p.stat().st_size == 0 else "holds no records"
+        raise UserError(f"{key} {path} {what}; point it at a file with at least one {fmt} "
+                        "record.")
     return records
+
+
+def _kind(value) -> str:
+    return {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _group(row: dict, group_by: str | None) -> str | None:
+    """The row's ``data.eval_group_by`` value: whole groups are held out, so it is required."""
+    if not group_by:
+        return None
+    value = row.get(group_by)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise RowError(group_by, "is missing")
+    if isinstance(value, (dict, list)):
+        raise RowError(group_by, f"must be a string or number to group by, got {_kind(value)}")
+    return str(value)

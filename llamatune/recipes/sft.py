@@ -105,6 +105,7 @@ class SFTRecipe:
 
         cfg = self.cfg
         self.run_dir = training.prepare_output_dir(cfg)
+        get_template(cfg.data.template)  # before the model is resolved (maybe converted)
         folder = resolve_model_path(cfg.model.path)
         tokenizer = load_tokenizer(cfg.model, folder)
         self.train_samples, self.eval_samples, stats = prepare_data(cfg, tokenizer,
@@ -122,7 +123,7 @@ class SFTRecipe:
         self.pad_id = self.tokenizer.pad_token_id
         n_micro = len(training.epoch_batches(self.train_samples, cfg.train, 0, self.pad_id))
         self.steps_per_epoch = max(1, math.ceil(n_micro / cfg.train.grad_accum))
-        self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
+        self.total_steps = cfg.train.step_cap or math.ceil(cfg.train.epochs * self.steps_per_epoch)
         self.optimizer = training.build_optimizer(self.model, cfg.train)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.model.parameters())
