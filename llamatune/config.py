@@ -318,7 +318,7 @@ def _type_name(hint) -> str:
         return "a list of " + _type_name(typing.get_args(hint)[0]) + "s"
     if origin is dict:
         return "a mapping"
-    return {int: "an integer", float: "a finite number", bool: "true/false", str: "a string"}.get(
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
         hint, "null" if hint is type(None) else str(hint)
     )
 

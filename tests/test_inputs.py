@@ -78,7 +78,7 @@ def test_bad_data_files_exit_2_naming_file_and_line(tmp_path, tiny_model_dir, ca
     ("", ["is empty"]),
     ("model: [unclosed\n", ["recipe.yaml:2: not valid YAML"]),
     ("data:\n  path: {data}\n  template: lama3\n", ["data.template 'lama3'", "Did you mean llama3"]),
-    ("data:\n  path: {data}\ntrain:\n  lr: .nan\n", ["recipe.yaml:4: train.lr must be a finite"]),
+    ("data:\n  path: {data}\ntrain:\n  lr: .nan\n", ["recipe.yaml:4: train.lr must be a number, got nan"]),
 ])
 def test_bad_recipes_exit_2_naming_file_and_line(tmp_path, tiny_model_dir, capsys, text,
                                                  needles):
