@@ -273,6 +273,9 @@ class Config:
     """The run directory."""
     resume: bool = False
     """Continue from the newest complete ``checkpoint-STEP/`` in ``output_dir``."""
+    resume_accept_changes: bool = False
+    """Resume even though the recipe changed what each step sees (batch size, seed, length,
+    the data). Off: such a resume is refused, naming what changed."""
     overwrite: bool = False
     """Allow writing into a non-empty ``output_dir`` that holds a finished run."""
 

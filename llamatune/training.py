@@ -8,6 +8,7 @@ usable but is not.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,14 +23,18 @@ from llamatune.errors import UserError
 __all__ = [
     "MetricsWriter",
     "Progress",
+    "TrainingDiverged",
     "build_optimizer",
     "build_scheduler",
+    "check_finite",
     "create_output_dir",
+    "data_order",
     "epoch_batches",
     "latest_checkpoint",
     "lm_loss_sum",
     "load_checkpoint",
     "prepare_output_dir",
+    "resume_checkpoint",
     "save_checkpoint",
     "set_seed",
     "trainable_state_dict",
@@ -72,7 +77,7 @@ def prepare_output_dir(cfg: Config) -> Path:
             f"output_dir {cfg.output_dir} cannot be created: {probe} {why}; choose another "
             "folder with output_dir=PATH."
         )
-    has_ckpt = any(out.glob("checkpoint-*"))
+    has_ckpt = bool(_checkpoints(out)) if out.is_dir() else False
     finished = any((out / m).exists() for m in _FINISHED_MARKERS)
     if cfg.resume:
         if not has_ckpt:
@@ -265,10 +270,19 @@ class MetricsWriter:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and path.exists():
-            # Drop rows logged after the checkpoint we resume from: they will be redone.
-            keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(k + "\n" for k in keep))
+            # Drop rows logged after the checkpoint we resume from: they will be redone. A
+            # process killed mid-write leaves a torn last line; it goes too.
+            keep = []
+            for ln in path.read_text().splitlines():
+                try:
+                    row = json.loads(ln)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and row.get("step", 0) <= resume_step:
+                    keep.append(ln)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(k + "\n" for k in keep))
+            os.replace(tmp, path)
 
     def write(self, row: dict) -> None:
         """Append a row and flush."""
@@ -400,20 +414,115 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name.split("-")[1])) if ckpts else None
 
 
-def load_checkpoint(folder: Path, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG state; return the saved loop state."""
+def load_checkpoint(folder: Path, optimizer, scheduler, lr: float | None = None) -> dict:
+    """Restore optimizer, scheduler and RNG state; return the saved loop state.
+
+    Args:
+        folder: A complete checkpoint.
+        optimizer: Built as for a new run.
+        scheduler: Built as for a new run (its schedule shape comes from the current recipe).
+        lr: The current ``train.lr``. A resumed run uses it, so a run stopped by a NaN can
+            continue from its last good checkpoint at a lower rate (torch would restore the
+            saved peak rate with the scheduler state).
+    """
     import torch
     from safetensors.torch import load_file
 
     _load_optimizer(optimizer, folder)
     state = json.loads((folder / "trainer_state.json").read_text())
     scheduler.load_state_dict(state["scheduler"])
+    if lr is not None and any(base != lr for base in scheduler.base_lrs):
+        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     rng = load_file(str(folder / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     random.setstate(_py_rng_from_json(state["python_rng"]))
     return state
+
+
+DATA_KEY = "data"
+_DATA_WHAT = "the training data (data.path's rows, data.template, the tokenizer or the split)"
+
+
+def data_order(cfg: Config, samples: list[dict]) -> dict:
+    """What decides which samples each step sees; stored with every checkpoint.
+
+    A resume whose recipe changed any of these would silently continue a different run:
+    the saved position counts micro-batches of the old order.
+    """
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(json.dumps(s, sort_keys=True).encode())
+        h.update(b"\n")
+    t = cfg.train
+    return {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+            "train.seed": t.seed, "train.max_length": t.max_length, "train.packing": t.packing,
+            "train.group_by_length": t.group_by_length, DATA_KEY: h.hexdigest()[:24]}
+
+
+def resume_checkpoint(cfg: Config, run_dir: Path, order: dict) -> Path:
+    """The checkpoint to resume from, refused when the recipe changed the data order.
+
+    Args:
+        cfg: The config of the run being resumed.
+        run_dir: Its run directory.
+        order: :func:`data_order` of the run as configured now.
+
+    Returns:
+        The newest complete checkpoint.
+
+    Raises:
+        UserError: There is none, or it was written under another data order and
+            ``resume_accept_changes`` is not set.
+    """
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UserError(f"resume=true but output_dir {cfg.output_dir} has no complete "
+                        "checkpoint-STEP folder; set train.save_every to write checkpoints, or "
+                        "drop resume=true.")
+    saved = json.loads((ckpt / "trainer_state.json").read_text()).get("data_order", {})
+    changed = [k for k in order if k in saved and saved[k] != order[k]]
+    if changed and not cfg.resume_accept_changes:
+        what = "; ".join(_DATA_WHAT + " changed" if k == DATA_KEY else
+                         f"{k} was {saved[k]!r}, now {order[k]!r}" for k in changed)
+        raise UserError(
+            f"resume=true: {ckpt.name} was written with a different data order ({what}), so "
+            "resuming would not continue the same run. Restore those settings, start a new "
+            "output_dir, or set resume_accept_changes=true to continue anyway with the new "
+            "order.")
+    return ckpt
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradient norm became NaN or infinite; the bad update was not applied."""
+
+
+def check_finite(step: int, loss: float, grad_norm: float | None, run_dir: Path) -> None:
+    """Stop before ``optimizer.step()`` when the step's loss or gradient norm is not finite.
+
+    Args:
+        step: The step about to be applied (1-based).
+        loss: Its loss.
+        grad_norm: Its gradient norm before clipping (``None`` when not computed).
+        run_dir: Where the last good checkpoint is.
+
+    Raises:
+        TrainingDiverged: Naming the step and the checkpoint to continue from.
+    """
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    ckpt = latest_checkpoint(run_dir)
+    then = (f"The last good checkpoint, {ckpt}, is kept: continue from it with resume=true and "
+            "a lower train.lr (or more train.warmup_steps)." if ckpt is not None else
+            "No checkpoint was written before it (train.save_every writes them); rerun with a "
+            "lower train.lr (or more train.warmup_steps) and overwrite=true.")
+    raise TrainingDiverged(f"training diverged at step {step}: {what}. The run stopped before "
+                           f"applying that update and wrote no final adapter. {then}")
 
 
 def _py_rng_to_json(st):

@@ -111,6 +111,8 @@ class SFTRecipe:
         self.train_samples, self.eval_samples, stats = prepare_data(cfg, tokenizer,
                                                                     self.recipe_path)
         print(f"data: {stats.summary()}; eval {len(self.eval_samples)} samples", flush=True)
+        self.data_order = training.data_order(cfg, self.train_samples)
+        ckpt = training.resume_checkpoint(cfg, self.run_dir, self.data_order) if cfg.resume else None
 
         training.create_output_dir(cfg, self.run_dir)
         training.set_seed(cfg.train.seed)
@@ -132,10 +134,9 @@ class SFTRecipe:
               f"{loaded.describe(self.model)}", flush=True)
         self.scheduler = training.build_scheduler(self.optimizer, cfg.train, self.total_steps)
         resume_step = None
-        if cfg.resume:
-            ckpt = training.latest_checkpoint(self.run_dir)
+        if ckpt is not None:
             self._load_trainable(ckpt)
-            state = training.load_checkpoint(ckpt, self.optimizer, self.scheduler)
+            state = training.load_checkpoint(ckpt, self.optimizer, self.scheduler, cfg.train.lr)
             self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
             resume_step = self.step
             print(f"resumed from {ckpt} (step {self.step})", flush=True)
@@ -208,14 +209,13 @@ class SFTRecipe:
             grad_norm = None
             if tc.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
+            loss = step_loss / n_sup
+            training.check_finite(self.step + 1, loss, grad_norm, self.run_dir)
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=False)
             self.step += 1
-            loss = step_loss / n_sup
-            if not math.isfinite(loss):
-                raise RuntimeError(f"loss became {loss} at step {self.step}; lower train.lr")
             if self.step % tc.log_every == 0 or self.step == self.total_steps:
                 dt = time.perf_counter() - t_log
                 row = {"step": self.step, "epoch": round(self.epoch + self.micro / len(batches), 4),
@@ -249,7 +249,8 @@ class SFTRecipe:
         """Write ``checkpoint-STEP/`` (adapter, optimizer, scheduler, RNG, loop position)."""
         return training.save_checkpoint(
             self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
-            {"epoch": self.epoch, "micro": self.micro}, self.cfg.train.keep_checkpoints,
+            {"epoch": self.epoch, "micro": self.micro, "data_order": self.data_order},
+            self.cfg.train.keep_checkpoints,
             save_trainable,
         )
 
