@@ -32,13 +32,12 @@ def _isolated_cache(request, tmp_path_factory, monkeypatch):
     take the fp32 path on every machine (``LLAMATUNE_CPU_BF16=0``), so they mean the same
     everywhere; the tests of the bf16 path set ``LLAMATUNE_CPU_BF16=1`` themselves
     (``tests/test_dtype.py``), so both paths run on any CPU. The slow end-to-end tests keep
-    the machine's own choice, as a user's run would.
+    the machine's own choice, as a user's run would (or the switch, if the caller set it:
+    ``LLAMATUNE_CPU_BF16=0 pytest`` runs them as on an AVX2-only CPU).
     """
     if request.node.get_closest_marker("slow") is None:
         monkeypatch.setenv("LLAMATUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
         monkeypatch.setenv("LLAMATUNE_CPU_BF16", "0")
-    else:
-        monkeypatch.delenv("LLAMATUNE_CPU_BF16", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
