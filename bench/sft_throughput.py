@@ -196,7 +196,7 @@ def _fixed_loss(model, samples: list[dict], pad_id: int, device: str, batch: int
     import torch
 
     from llamatune.data.collate import pad_batch
-    from llamatune.training import lm_loss_sum
+    from llamatune.net import lm_loss_sum
 
     was_training = model.training
     model.eval()

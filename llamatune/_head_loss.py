@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["head_cross_entropy_sum"]
+__all__ = ["head_cross_entropy_sum", "head_logprobs"]
 
 # Positions per chunk: about 2**24 fp32 logits (64 MiB) at a time.
 _CHUNK_ELEMENTS = 1 << 24
@@ -68,3 +68,92 @@ def head_cross_entropy_sum(hidden, weight, labels):
     """
     chunk = max(1, _CHUNK_ELEMENTS // weight.shape[0])
     return _HeadCrossEntropy.apply(hidden, weight, labels, chunk)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """Per-row ``log softmax(hidden @ weight.T / T)[label]``, chunked, with lean gradients.
+
+    d logp_i / d h_i = ((onehot(y_i) - p_i) / T) @ W is a ``[d]`` vector per row, so it is
+    made in the forward pass chunk by chunk and kept (``[n, d]``, the size of the hidden
+    states); the backward pass scales it by the incoming per-row gradient. When the head
+    weight trains too, its gradient is rebuilt chunk by chunk in the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, chunk, want_entropy):
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=acc, device=hidden.device)
+        entropy = torch.empty(n, dtype=acc, device=hidden.device) if want_entropy else None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        for i in range(0, n, chunk):
+            h, y = hidden[i : i + chunk], labels[i : i + chunk]
+            z = (h @ weight.t()).to(acc)
+            if temperature != 1.0:
+                z.div_(temperature)
+            top = z.amax(dim=1, keepdim=True)
+            target = z.gather(1, y[:, None]).squeeze(1)
+            p = (z - top).exp_()
+            norm = p.sum(dim=1)
+            lse = top.squeeze(1) + norm.log()
+            logp[i : i + chunk] = target - lse
+            p.div_(norm[:, None])
+            if entropy is not None:
+                entropy[i : i + chunk] = lse - (p * z).sum(dim=1)
+            if need_h:
+                # d logp / d z = (onehot - p) / T, built in place in p.
+                p.neg_()
+                p[torch.arange(len(y), device=p.device), y] += 1
+                if temperature != 1.0:
+                    p.div_(temperature)
+                torch.mm(p.to(hidden.dtype), weight, out=grad_h[i : i + chunk])
+        ctx.save_for_backward(grad_h, hidden if need_w else None, weight if need_w else None,
+                              labels if need_w else None)
+        ctx.temperature, ctx.chunk, ctx.weight_dtype = temperature, chunk, weight.dtype
+        if entropy is None:
+            return logp, logp.new_zeros(0)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        grad_h, hidden, weight, labels = ctx.saved_tensors
+        gh = grad_h * grad_logp[:, None].to(grad_h.dtype) if grad_h is not None else None
+        gw = None
+        if weight is not None:
+            acc = torch.promote_types(hidden.dtype, torch.float32)
+            gw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            t = ctx.temperature
+            for i in range(0, hidden.shape[0], ctx.chunk):
+                h, y = hidden[i : i + ctx.chunk], labels[i : i + ctx.chunk]
+                z = (h @ weight.t()).to(acc) / t
+                p = torch.softmax(z, dim=1).neg_()
+                p[torch.arange(len(y), device=p.device), y] += 1
+                p.mul_(grad_logp[i : i + ctx.chunk, None].to(acc) / t)
+                gw.addmm_(p.t(), h.to(acc))
+            gw = gw.to(ctx.weight_dtype)
+        return gh, gw, None, None, None, None
+
+
+def head_logprobs(hidden, weight, labels, temperature: float = 1.0, entropy: bool = False):
+    """Per-row log-probabilities of ``labels`` under ``softmax(hidden @ weight.T / temperature)``.
+
+    Never makes an ``[n, vocab]`` tensor beyond one chunk (about 64 MiB of fp32 logits).
+
+    Args:
+        hidden: ``[n, d]`` hidden states of the positions that predict ``labels``.
+        weight: ``[vocab, d]`` output-head weight (no bias).
+        labels: ``[n]`` token ids.
+        temperature: Divides the logits (sampling temperature; PPO trains at it too).
+        entropy: Also return each row's entropy (no gradient).
+
+    Returns:
+        ``logp`` (``[n]``, float32 at least, differentiable), and with ``entropy`` the
+        ``[n]`` entropies.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    chunk = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    logp, ent = _HeadLogprobs.apply(hidden, weight, labels, float(temperature), chunk, entropy)
+    return (logp, ent) if entropy else logp

@@ -131,25 +131,24 @@ def _load(args):
 def _cmd_train(args) -> int:
     import importlib
 
+    from llamatune.recipes import claim_stage
+
     cfg, path = _load(args)
+    claim_stage(cfg, args.command, path)
     module = importlib.import_module(_TRAIN_STAGES[args.command][0])
     return module.main(cfg, path)
 
 
 def _cmd_validate(args) -> int:
+    from llamatune.data import prepare
     from llamatune.model import load_tokenizer, resolve_model_path
-    from llamatune.recipes.sft import prepare_data
+    from llamatune.recipes import stage_data
 
     cfg, path = _load(args)
-    folder = resolve_model_path(cfg.model.path)
-    tok = load_tokenizer(cfg.model, folder)
-    if cfg.data.format == "preference":
-        from llamatune.recipes.reward import prepare_pairs
-
-        train, evals, stats = prepare_pairs(cfg, tok, path)
-    else:
-        train, evals, stats = prepare_data(cfg, tok, path)
-    print(f"{path}: ok. model {cfg.model.path}; data: {stats.summary()}; eval {len(evals)}")
+    kind, command = stage_data(cfg, path)
+    tok = load_tokenizer(cfg.model, resolve_model_path(cfg.model.path))
+    data = prepare(cfg, tok, kind, command, path)
+    print(f"{path}: ok. stage {cfg.stage}, model {cfg.model.path}; data: {data.summary()}")
     return 0
 
 
@@ -232,14 +231,14 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_score(args) -> int:
-    from llamatune.recipes.reward import run_score
+    from llamatune.score import run_score
 
     return run_score(args.rm_dir, args.data, args.format, as_json=args.json,
                      batch_size=args.batch_size)
 
 
 def _cmd_preview(args) -> int:
-    from llamatune.data.preview import run_preview
+    from llamatune.preview import run_preview
 
     cfg, path = _load(args)
     return run_preview(cfg, path, n=args.n, as_json=args.json)

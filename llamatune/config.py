@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "STAGES",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -260,10 +261,17 @@ class RewardConfig:
         return [] if self.center_coef >= 0 else [("reward.center_coef", "must be >= 0")]
 
 
+STAGES = ("sft", "rm", "dpo", "ppo", "pipeline")
+"""The stage commands a recipe can name in its ``stage:`` key."""
+
+
 @dataclass
 class Config:
     """A whole recipe config."""
 
+    stage: str | None = field(default=None, metadata=_choice(*STAGES))
+    """The stage this recipe is for (``sft``, ``rm``, ``dpo``, ``ppo``, ``pipeline``); the
+    stage commands fill it in when it is missing, ``validate`` and ``preview`` need it."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -290,6 +298,10 @@ class Config:
             out.extend(sec.problems())
         if not self.output_dir:
             out.append(("output_dir", "must not be empty"))
+        if not self.lora.enabled and self.model.quantization != "none":
+            out.append(("lora.enabled", f"is false: that trains every weight, which a "
+                        f"{self.model.quantization} base cannot do; set lora.enabled=true or "
+                        "model.quantization=none"))
         if not self.lora.enabled and self.model.dtype in ("bfloat16", "float16"):
             out.append(("model.dtype", f"is {self.model.dtype}, but lora.enabled=false trains "
                         "every weight and trainable weights keep float32 master weights; use "
@@ -533,7 +545,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | dict | No
             problems.append(f"{at(key, source)} must be {_type_name(hint)}, got {v!r}")
             continue
         choices = f.metadata.get("choices")
-        if choices and val not in choices:
+        if choices and val is not None and val not in choices:
             guess = difflib.get_close_matches(str(val), choices, n=1)
             hint_s = f"; did you mean {guess[0]}?" if guess else ""
             problems.append(

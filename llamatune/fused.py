@@ -23,7 +23,9 @@ temporaries a step makes. Where the stock modules keep or make more than they ne
   input anyway, so the output is rebuilt from it in the backward pass.
 * **Grouped-query attention on CPU.** transformers repeats key/value heads when there is a
   padding mask and SDPA keeps the copies; torch's CPU flash kernel takes ``enable_gqa`` with a
-  mask, so the repeat is skipped there (see :func:`_native_gqa`).
+  mask, so the repeat is skipped there. This goes through transformers' own extension point:
+  an attention function registered with ``AttentionInterface`` (:func:`_cpu_gqa_sdpa`) and
+  selected with ``set_attn_implementation``.
 
 All of it is exact: same forward values, same gradients (to rounding), same matmul FLOPs
 (a few elementwise passes are redone in the backward pass); only the dropout random stream
@@ -33,20 +35,29 @@ trained (:func:`install`) and fall back to the original code for anything they d
 mixed-adapter batches, LoRA biases). The recompute tricks stand down under gradient
 checkpointing, which already keeps almost nothing. Weights, state dicts and saved adapters
 are untouched, so nothing downstream (merge, generate, peft loading) can tell.
+
+**A fence.** The kernels stand in for the forwards of peft's LoRA layers and transformers'
+Llama-style MLP and decoder layer as those libraries wrote them in the versions of
+:data:`TESTED` (tests compare them with the stock modules). Outside that window a future
+LoRA variant or a changed layer could silently get the old math, so :func:`install` leaves
+the model to the stock modules and says so once. ``setup.cfg`` states the same ranges.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import types
 
 import torch
 
-__all__ = ["install", "keep_mask", "lora_branch", "swiglu"]
+__all__ = ["TESTED", "install", "is_fused", "keep_mask", "lora_branch", "swiglu"]
 
 _LEVELS = 1 << 16  # CPU mask resolution: p is rounded to a multiple of 1/65536
-_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+_ATTENTION = "llamatune_cpu_gqa_sdpa"
+
+TESTED = {"peft": ("0.21", "0.22"), "transformers": ("5.20", "5.25")}
+"""Library versions (``[low, high)``) whose module forwards the kernels were written and tested
+against; outside them :func:`install` keeps the stock modules."""
+_said: set = set()
 
 
 def keep_mask(x: torch.Tensor, p: float, seed: int | None = None) -> tuple[torch.Tensor, float]:
@@ -261,33 +272,50 @@ def _layer_forward(self, *args, **kwargs):
     """
     if not torch.is_grad_enabled():
         return self._llamatune_original_forward(*args, **kwargs)
-    with _native_gqa(self._llamatune_gqa):
-        return _layer_forward_recompute(self, *args, **kwargs)
+    return _layer_forward_recompute(self, *args, **kwargs)
 
 
-@contextlib.contextmanager
-def _native_gqa(enabled: bool):
-    """Let transformers' SDPA path pass grouped-query attention to torch as is.
+def _cpu_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                  is_causal=None, **kwargs):
+    """The SDPA attention of transformers, passing grouped-query attention to torch as is on CPU.
 
-    By default transformers repeats the key and value heads up to the query heads whenever
-    there is an attention mask, and SDPA then keeps the repeated copies for the backward pass.
-    torch's CPU flash kernel takes ``enable_gqa`` with a mask (same results, tested), so on CPU
-    the repeat is skipped; on GPUs a mask with ``enable_gqa`` falls back to the slow math kernel,
-    so nothing changes there. The switch is transformers' own ``TRANSFORMERS_SDPA_FORCE_GQA``,
-    set only for the duration of the layer's forward.
+    transformers repeats the key and value heads up to the query heads whenever there is an
+    attention mask, and SDPA then keeps the repeated copies for the backward pass. torch's CPU
+    flash kernel takes ``enable_gqa`` with a mask (same results, tested), so on CPU the repeat
+    is skipped; everything else (GPUs, where a mask with ``enable_gqa`` would fall back to the
+    slow math kernel; no mask; no GQA) is transformers' own ``sdpa`` function unchanged.
     """
-    if not enabled:
-        yield
-        return
-    old = os.environ.get(_GQA_ENV)
-    os.environ[_GQA_ENV] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(_GQA_ENV, None)
-        else:
-            os.environ[_GQA_ENV] = old
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (query.device.type != "cpu" or groups <= 1 or attention_mask is None
+            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+            or kwargs.get("output_attentions", False)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        is_causal=False, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _use_cpu_gqa_attention(model) -> bool:
+    """Select :func:`_cpu_gqa_sdpa` for a CPU model with grouped-query SDPA attention."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = inner.config
+    groups = getattr(cfg, "num_attention_heads", 1) // max(1, getattr(cfg, "num_key_value_heads",
+                                                                      None) or 1)
+    if (getattr(cfg, "_attn_implementation", "") != "sdpa" or groups <= 1
+            or next(inner.parameters()).device.type != "cpu"
+            or not hasattr(inner, "set_attn_implementation")):
+        return False
+    AttentionInterface.register(_ATTENTION, _cpu_gqa_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTENTION, sdpa_mask)
+    inner.set_attn_implementation(_ATTENTION)
+    return True
 
 
 def _layer_forward_recompute(self, *args, **kwargs):
@@ -326,10 +354,29 @@ def _is_swiglu_mlp(module, silu_types: tuple[type, ...]) -> bool:
             and type(module).forward.__code__.co_argcount == 2)
 
 
+def _versions_tested() -> tuple[bool, str]:
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    found, ok = [], True
+    for pkg, (low, high) in TESTED.items():
+        v = version(pkg)
+        found.append(f"{pkg} {v}")
+        ok = ok and Version(low) <= Version(v) < Version(high)
+    return ok, ", ".join(found)
+
+
+def is_fused(model) -> bool:
+    """Whether :func:`install` switched ``model`` to the lean kernels."""
+    return bool(getattr(model, "_llamatune_fused", False))
+
+
 def install(model) -> dict[str, int]:
     """Switch the LoRA layers, SwiGLU MLPs and decoder-layer norms of ``model`` to lean kernels.
 
-    Only instances change (``module.forward``); calling it twice is harmless.
+    Only instances change (``module.forward``); calling it twice is harmless. Outside the
+    library versions of :data:`TESTED` nothing changes (said once per process).
 
     Args:
         model: A transformers model, with or without peft LoRA layers.
@@ -340,6 +387,15 @@ def install(model) -> dict[str, int]:
     from peft.tuners.lora import LoraLayer
 
     counts = {"lora": 0, "swiglu": 0, "norm": 0}
+    ok, found = _versions_tested()
+    if not ok:
+        if found not in _said:
+            _said.add(found)
+            tested = "; ".join(f"{k} >={lo},<{hi}" for k, (lo, hi) in TESTED.items())
+            print(f"note: model.fused: the lean kernels are tested with {tested}, this is "
+                  f"{found}; using peft's and transformers' own modules (same results, more "
+                  "memory).", flush=True)
+        return counts
     bases, silu_types = _linear_bases(), _silu_types()
     # Under gradient checkpointing the blocks save (almost) nothing, and its hooks must win.
     recompute = not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
@@ -355,15 +411,13 @@ def install(model) -> dict[str, int]:
             counts["swiglu"] += 1
         elif recompute and _is_llama_layer(module):
             module._llamatune_norms = (module.input_layernorm, module.post_attention_layernorm)
-            attn = getattr(module, "self_attn", None)
-            module._llamatune_gqa = (getattr(attn, "num_key_value_groups", 1) > 1
-                                     and getattr(attn.config, "_attn_implementation", "") == "sdpa"
-                                     and next(module.parameters()).device.type == "cpu")
             for norm in module._llamatune_norms:
                 norm._llamatune_outputs = None
                 _patch(norm, _norm_forward)
             _patch(module, _layer_forward)
             counts["norm"] += 2
+    model._llamatune_gqa_attention = _use_cpu_gqa_attention(model)
+    model._llamatune_fused = True
     return counts
 
 

@@ -14,7 +14,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamatune.config import Config, ConfigError, load_config
 from llamatune.errors import UserError
 
 __all__ = ["Chatbot", "load_for_inference"]
@@ -51,13 +50,6 @@ class Chatbot:
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def _run_config(run_dir: Path) -> Config:
-    try:
-        return load_config(run_dir / "config.yaml")
-    except ConfigError as e:
-        raise UserError(f"{run_dir}/config.yaml is not a valid run config: {e}") from None
-
-
 def load_for_inference(path: str, device: str = "auto") -> Chatbot:
     """Load a run directory (base + adapter) or a model folder for generation.
 
@@ -69,16 +61,17 @@ def load_for_inference(path: str, device: str = "auto") -> Chatbot:
 
     p = Path(path).expanduser()
     if (p / "config.yaml").is_file() and (p / "adapter_config.json").is_file():
-        import json
+        from llamatune.rundir import Run
 
-        if json.loads((p / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS":
+        run = Run.open(path)
+        if run.stage == "rm":
             raise UserError(f"{path} is a reward model (llamatune rm); score answers with "
                             "`llamatune score`, it does not generate.")
-        cfg = _run_config(p)
+        cfg = run.cfg
         mcfg = dataclasses.replace(cfg.model, device=device if device != "auto" else
                                    cfg.model.device, gradient_checkpointing=False,
-                                   tokenizer=str(p), adapter=None)
-        loaded = load_model(mcfg, None, adapter=str(p), trainable=False)
+                                   tokenizer=str(run.path), adapter=None)
+        loaded = load_model(mcfg, None, adapter=str(run.path), trainable=False)
         if loaded.kernels:
             print(f"note: {loaded.kernels}", file=sys.stderr, flush=True)
         return Chatbot(loaded.model, loaded.tokenizer, cfg.data.template, cfg.data.system,

@@ -206,31 +206,24 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _check_run_dir(run_dir) -> Path:
-    run = Path(run_dir).expanduser()
-    if not run.is_dir():
-        raise UserError(f"{run_dir} is not a folder; give the run directory a training stage wrote "
-                        "(the output_dir of `llamatune sft`).")
-    if (run / "config.yaml").is_file() and (run / "model.safetensors").is_file() \
-            and not (run / "adapter_config.json").is_file():
+MERGEABLE = ("sft", "dpo", "ppo")
+"""Stages whose runs hold a causal-LM adapter that applies to the base alone."""
+
+
+def _open_run(run_dir):
+    from llamatune.rundir import Run
+
+    p = Path(run_dir).expanduser()
+    if (p / "config.yaml").is_file() and (p / "model.safetensors").is_file() \
+            and not (p / "adapter_config.json").is_file():
         raise UserError(f"{run_dir} holds a full fine-tune (model.safetensors, no adapter): it is "
                         "already standalone weights, so there is nothing to merge.")
-    missing = [f for f in ("config.yaml", "adapter_config.json", "adapter_model.safetensors")
-               if not (run / f).is_file()]
-    if missing:
-        raise UserError(
-            f"{run_dir} is not a finished llamatune run directory: {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} missing. Point merge at the output_dir of a "
-            "completed `llamatune sft` run (a run still training has no final adapter yet)."
-        )
+    run = Run.open(run_dir, stages=MERGEABLE, use="merge (it writes causal language models)")
     try:
-        task = json.loads((run / "adapter_config.json").read_text()).get("task_type")
+        json.loads((run.path / "adapter_config.json").read_text()).get("task_type")
     except (json.JSONDecodeError, AttributeError):
-        raise UserError(f"{run}/adapter_config.json is not a peft adapter config (not a JSON "
-                        "object); the run's final save may have been interrupted.") from None
-    if task not in (None, "CAUSAL_LM"):
-        raise UserError(f"{run_dir} holds a {task} adapter (a reward model?); merge writes "
-                        "causal language models and takes SFT runs.")
+        raise UserError(f"{run.path}/adapter_config.json is not a peft adapter config (not a "
+                        "JSON object); the run's final save may have been interrupted.") from None
     return run
 
 
@@ -245,15 +238,6 @@ def _check_out(out) -> Path:
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"--out {out} cannot be created: {probe} is not a writable folder.")
     return path
-
-
-def _run_config(run: Path):
-    from llamatune.config import ConfigError, load_config
-
-    try:
-        return load_config(run / "config.yaml")
-    except ConfigError as e:
-        raise UserError(f"{run}/config.yaml is not a valid run config: {e}") from None
 
 
 def _resolve_base(base: str, quantization: str) -> str:
@@ -413,8 +397,11 @@ def chat_template_problem(tokenizer, template: str, system: str | None) -> str |
             f"rendered {want!r}")
 
 
-def held_out_samples(cfg, tokenizer, n: int) -> tuple[list[dict], str]:
-    """Up to ``n`` tokenized samples of the run's data, held out where the run held any out.
+def held_out_samples(cfg, tokenizer, n: int, stage: str = "sft") -> tuple[list[dict], str]:
+    """Up to ``n`` tokenized samples of the run's own data, held out where the run held any out.
+
+    Works for every mergeable stage: SFT conversations, a DPO run's preference pairs (their
+    chosen side), a PPO run's prompts.
 
     Returns:
         ``(samples, source)``; ``source`` says where they came from.
@@ -422,19 +409,16 @@ def held_out_samples(cfg, tokenizer, n: int) -> tuple[list[dict], str]:
     Raises:
         UserError: The run's data cannot be read from here.
     """
-    from llamatune.recipes.sft import prepare_data
+    from llamatune.data import verification_samples
+    from llamatune.recipes import STAGE_DATA
 
     try:
-        train, evals, _ = prepare_data(cfg, tokenizer, None)
+        return verification_samples(cfg, tokenizer, STAGE_DATA[stage], n)
     except UserError as e:
         raise UserError(
             f"verification needs the run's data (data.path {cfg.data.path}), which failed to "
-            f"load: {e} Run merge from the folder training ran in, or skip the check with "
-            "--no-verify."
+            f"load: {e} Restore the file, or skip the check with --no-verify."
         ) from None
-    if evals:
-        return evals[:n], "eval split"
-    return train[:n], "training samples: the run held out no eval split"
 
 
 def _logits(model, ids, device):
@@ -544,9 +528,9 @@ def run_merge(run_dir, out, base: str = "auto", dtype: str | None = None, verify
     if verify and samples < 1:
         raise UserError(f"--samples must be at least 1 (got {samples}); use --no-verify to skip "
                         "the check.")
-    run = _check_run_dir(run_dir)
+    opened = _open_run(run_dir)
+    run, cfg = opened.path, opened.cfg
     out_path = _check_out(out)
-    cfg = _run_config(run)
     q = cfg.model.quantization
     mode = _resolve_base(base, q)
     folder = resolve_model_path(cfg.model.path)
@@ -569,7 +553,7 @@ def run_merge(run_dir, out, base: str = "auto", dtype: str | None = None, verify
               "(pass the system prompt as a system message to get it).", file=sys.stderr,
               flush=True)
     # Read the data before any heavy work, so a missing file fails in seconds.
-    data = held_out_samples(cfg, tokenizer, samples) if verify else None
+    data = held_out_samples(cfg, tokenizer, samples, opened.stage) if verify else None
     reference = _load_reference(cfg, run) if (verify or mode == "dequantized") else None
     tmp = _tmp_name(out_path)
     shutil.rmtree(tmp, ignore_errors=True)

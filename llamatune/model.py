@@ -31,28 +31,41 @@ import importlib.util
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamatune._cache import cache_dir
 from llamatune.config import LoraConfig, ModelConfig
 from llamatune.errors import UserError
+from llamatune.rundir import head_file
 
 __all__ = [
     "BUILTIN_MODELS",
     "CPU_BF16_ENV",
+    "Loaded",
+    "add_adapter",
+    "add_head",
     "cache_dir",
     "cpu_bf16_choice",
     "dtype_choice",
     "dtype_summary",
+    "finish",
     "fp32_trainable",
+    "load_base",
+    "load_head",
     "load_model",
     "load_tokenizer",
+    "load_trainable",
+    "model_line",
     "lora_config",
     "bnb_config",
     "resolve_device",
     "resolve_dtype",
     "resolve_model_path",
+    "save_adapter",
+    "save_head",
+    "save_trainable",
+    "scalar_head_class",
     "stored_dtype",
     "unwrap_model",
 ]
@@ -377,7 +390,7 @@ def bnb_config(cfg: ModelConfig, compute_dtype):
     )
 
 
-def lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save=None):
+def lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
     """The peft ``LoraConfig`` for ``lora.*``."""
     from peft import LoraConfig as PeftLoraConfig
 
@@ -391,16 +404,21 @@ def lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save=N
         use_dora=cfg.use_dora,
         bias="none",
         task_type=task_type,
-        modules_to_save=modules_to_save,
     )
 
 
 @dataclass
 class Loaded:
-    """What :func:`load_model` returns."""
+    """One base model in memory, with its named adapters and scalar heads.
+
+    Built by :func:`load_base`, :func:`add_adapter`, :func:`add_head` and :func:`finish`
+    (or all at once by :func:`load_model`). Adapters share the base: one is active at a time
+    (``Net(adapter=...)`` switches), so a frozen copy of a starting adapter serves as a
+    reference model at the cost of the adapter alone.
+    """
 
     model: object
-    """The model (a ``PeftModel`` when LoRA is on)."""
+    """The model (a ``PeftModel`` once an adapter is added)."""
     tokenizer: object
     """The tokenizer, pad token fixed."""
     folder: str
@@ -413,48 +431,51 @@ class Loaded:
     """Why that dtype was chosen (for the ``model:`` line)."""
     kernels: str = ""
     """Which 4-bit kernel path runs (empty when the base is not 4-bit)."""
+    trainable: bool = True
+    """Whether this model trains (k-bit preparation, gradient checkpointing, no repacking)."""
+    fused: bool = True
+    """``model.fused``: lean kernels for training, the chunked head loss."""
+    adapters: dict = field(default_factory=dict)
+    """Adapter name to whether it trains."""
+    heads: dict = field(default_factory=dict)
+    """Head name to :class:`ScalarHead`."""
+    net: object = None
+    """The :class:`llamatune.net.Net` every loss and log-prob goes through (after :func:`finish`)."""
 
     def describe(self, model=None) -> str:
         """The dtypes (and 4-bit path) chosen, and why, for the ``model:`` line.
 
         Args:
-            model: The model as the stage finished building it (default: :attr:`model`).
+            model: The module to count trainable dtypes in (default: the net, heads included).
         """
-        text = dtype_summary(model if model is not None else self.model, self.dtype,
-                             self.dtype_why)
+        target = model if model is not None else (self.net or self.model)
+        text = dtype_summary(target, self.dtype, self.dtype_why)
         return f"{text}; {self.kernels}" if self.kernels else text
 
+    @property
+    def trainable_adapter(self) -> str | None:
+        """The name of the adapter that trains, if any."""
+        return next((n for n, t in self.adapters.items() if t), None)
 
-def load_model(
-    mcfg: ModelConfig,
-    lcfg: LoraConfig | None = None,
-    *,
-    task: str = "causal_lm",
-    adapter: str | None = None,
-    trainable: bool = True,
-    seed: int | None = None,
-    full: bool = False,
-    cpu_4bit_packing: bool = True,
-) -> Loaded:
-    """Load base model + tokenizer, optionally quantized, optionally with a LoRA adapter.
+
+def load_base(mcfg: ModelConfig, *, trainable: bool = True, full: bool = False,
+              cpu_4bit_packing: bool = True, seed: int | None = None) -> Loaded:
+    """Load the base model and tokenizer, optionally quantized, ready for adapters and heads.
 
     Args:
         mcfg: The model section.
-        lcfg: The LoRA section; ``None`` or ``enabled: false`` loads no new adapter.
-        task: ``causal_lm`` (language-model head) or ``reward`` (a scalar score head).
-        adapter: A run directory (or adapter folder) whose adapter is loaded onto the base.
-        trainable: Prepare for training (k-bit preparation, checkpointing, trainable adapter).
-            A trainable 4-bit model never uses bitsandbytes' CPU inference repacking
+        trainable: Prepare for training (k-bit preparation, gradient checkpointing). A
+            trainable 4-bit model never uses bitsandbytes' CPU inference repacking
             (:mod:`llamatune._bnb`), so no-grad forwards cannot change training.
-        seed: Seeds adapter initialization.
         full: Every weight will train (full fine-tuning): ``model.dtype: auto`` loads
             float32, the dtype of trainable weights.
         cpu_4bit_packing: For an inference-only 4-bit model, allow bitsandbytes' packed
             AVX512-BF16 kernel where a layer's shape takes it (it computes in bf16; merge
             verification turns it off to compare in float32).
+        seed: Seeds what is initialized randomly afterwards (adapters, heads).
 
     Returns:
-        A :class:`Loaded` record.
+        A :class:`Loaded` without adapters or heads.
 
     Raises:
         UserError: A source cannot be found or a setting cannot be honoured here.
@@ -481,26 +502,10 @@ def load_model(
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device if device != "cuda" else "cuda:0"}
-    if seed is not None:
-        torch.manual_seed(seed)
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
 
     try:
-        if task == "reward":
-            # A causal-LM checkpoint has no score head (MISSING) and an unused lm_head
-            # (UNEXPECTED); both are expected, so the load report would only alarm users.
-            from transformers.utils import logging as hf_logging
-
-            level = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()
-            try:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    folder, num_labels=1, **kwargs
-                )
-            finally:
-                hf_logging.set_verbosity(level)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"model.path {mcfg.path}: the model could not be loaded ({e}).") from None
     kernels = ""
@@ -526,27 +531,312 @@ def load_model(
         model.enable_input_require_grads()
     if mcfg.gradient_checkpointing and trainable:
         model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return Loaded(model=model, tokenizer=tokenizer, folder=folder, device=device, dtype=dtype,
+                  dtype_why=why, kernels=kernels, trainable=trainable, fused=mcfg.fused)
 
-    peft_task = "SEQ_CLS" if task == "reward" else "CAUSAL_LM"
-    if adapter is not None:
-        from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
-    elif lcfg is not None and lcfg.enabled:
-        from peft import get_peft_model
+def add_adapter(loaded: Loaded, name: str, *, lcfg: LoraConfig | None = None,
+                source: str | None = None, trainable: bool = True,
+                dropout: float | None = None) -> None:
+    """Attach a LoRA adapter named ``name``: a new one (``lcfg``) or a copy of ``source``'s.
 
-        extra = ["score"] if task == "reward" else None
-        model = get_peft_model(model, lora_config(lcfg, peft_task, modules_to_save=extra))
-    if trainable and mcfg.fused:
+    Args:
+        loaded: The base (adapters already attached stay as they are).
+        name: The adapter's name in memory (saved runs always hold it as peft's default).
+        lcfg: Shape of a new adapter.
+        source: A run directory or adapter folder whose adapter is copied in.
+        trainable: Whether it trains (at most one adapter trains).
+        dropout: LoRA dropout for the copy (``None`` keeps the source's); a trainable copy
+            takes ``lora.dropout`` so the recipe decides.
+
+    Raises:
+        UserError: The source does not fit the base (a different model).
+    """
+    from peft import PeftModel, get_peft_model
+
+    if trainable and loaded.trainable_adapter is not None:
+        raise ValueError(f"adapter {loaded.trainable_adapter!r} already trains")
+    model = loaded.model
+    first = not isinstance(model, PeftModel)
+    try:
+        if source is None:
+            cfg = lora_config(lcfg)
+            if first:
+                model = get_peft_model(model, cfg, adapter_name=name)
+            else:
+                model.add_adapter(name, cfg)
+        elif first:
+            model = PeftModel.from_pretrained(model, str(source), adapter_name=name,
+                                              is_trainable=trainable)
+        else:
+            model.load_adapter(str(source), adapter_name=name, is_trainable=trainable)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"model.adapter {source}: its adapter does not fit model.path (a "
+                        f"different base model?): {e}") from None
+    if dropout is not None:
+        _set_dropout(model, name, dropout)
+    loaded.model = model
+    loaded.adapters[name] = trainable
+
+
+def _set_dropout(model, name: str, p: float) -> None:
+    """Set one adapter's LoRA dropout (peft builds ``Identity`` for 0, ``Dropout`` above)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and name in module.lora_dropout:
+            module.lora_dropout[name] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+
+
+class _Head:  # a namespace so that torch stays a lazy import
+    cls = None
+
+
+def scalar_head_class():
+    """The :class:`ScalarHead` module class (defined on first use: torch is imported lazily)."""
+    if _Head.cls is None:
+        import torch
+
+        class ScalarHead(torch.nn.Module):
+            """``hidden -> one number`` (a reward model's score, PPO's value), in float32.
+
+            Args:
+                hidden_size: The backbone's hidden size.
+                bias: Give the head a bias (a value head's baseline; a pairwise reward loss
+                    cannot train one, so a score head has none, as in transformers).
+            """
+
+            def __init__(self, hidden_size: int, bias: bool = True):
+                super().__init__()
+                self.linear = torch.nn.Linear(hidden_size, 1, bias=bias, dtype=torch.float32)
+
+            def forward(self, hidden):
+                """``[..., d]`` hidden states to ``[...]`` float32 scalars."""
+                return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+        _Head.cls = ScalarHead
+    return _Head.cls
+
+
+def add_head(loaded: Loaded, name: str, *, source: str | None = None, trainable: bool = True,
+             bias: bool | None = None) -> object:
+    """Attach a scalar head named ``name`` on the backbone's last hidden state.
+
+    A new head is initialized like transformers' score heads (normal with the model's
+    ``initializer_range``, zero bias); ``source`` loads a saved one (``*.safetensors``).
+    ``bias``: ``None`` takes the saved head's (a new head: none).
+
+    Returns:
+        The head module.
+
+    Raises:
+        UserError: A saved head's width does not match the backbone.
+    """
+    import torch
+
+    hidden = loaded.model.config.hidden_size
+    if bias is None:
+        bias = source is not None and _saved_has_bias(source)
+    head = scalar_head_class()(hidden, bias=bias).to(loaded.device)
+    if source is None:
+        std = getattr(loaded.model.config, "initializer_range", 0.02)
+        with torch.no_grad():
+            head.linear.weight.normal_(0.0, std)
+            if bias:
+                head.linear.bias.zero_()
+    else:
+        load_head(head, source)
+    head.requires_grad_(trainable)
+    loaded.heads[name] = head
+    return head
+
+
+def _saved_has_bias(path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return "bias" in f.keys()
+
+
+def save_head(head, path) -> None:
+    """Write a scalar head as safetensors (``weight`` ``[1, d]``, and ``bias`` ``[1]`` if any)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous().cpu() for k, v in head.linear.state_dict().items()}
+    save_file(sd, str(path), metadata={"format": "pt", "kind": "llamatune-scalar-head"})
+
+
+def load_head(head, path) -> None:
+    """Load a head written by :func:`save_head` into ``head``.
+
+    Raises:
+        UserError: The file's width differs from the head's.
+    """
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    want = tuple(head.linear.weight.shape)
+    if tuple(sd.get("weight", ()).shape if "weight" in sd else ()) != want:
+        raise UserError(f"{path}: a scalar head for hidden size "
+                        f"{sd['weight'].shape[-1] if 'weight' in sd else '?'}, but this model's "
+                        f"is {want[1]}; it belongs to another base model.")
+    if "bias" in sd and head.linear.bias is None:
+        sd.pop("bias")  # a value head initialized from a reward head: no baseline to copy
+    head.linear.load_state_dict({k: v.to(head.linear.weight.device) for k, v in sd.items()},
+                                strict=head.linear.bias is None or "bias" in sd)
+
+
+def finish(loaded: Loaded, *, full: bool = False):
+    """Make the adapters and heads ready, install the lean kernels, and build the net.
+
+    The trainable adapter (if any) is made active; frozen ones are activated only inside
+    ``Net(adapter=...)`` calls. The fused kernels are installed last, once every adapter
+    exists, so they cover every stage's layers.
+
+    Args:
+        loaded: The base with its adapters and heads.
+        full: Full fine-tuning: every base weight trains.
+
+    Returns:
+        The :class:`llamatune.net.Net`, also kept as ``loaded.net``.
+    """
+    from llamatune.net import Net
+
+    model = loaded.model
+    train = loaded.trainable_adapter
+    if train is not None:
+        model.set_adapter(train)
+    elif loaded.adapters:
+        model.set_adapter(next(iter(loaded.adapters)), inference_mode=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if loaded.trainable:
+        if full:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        elif train is not None:
+            for n, p in model.named_parameters():
+                if f".{train}." in n or n.endswith(f".{train}"):
+                    p.requires_grad_(True)
+    for head in loaded.heads.values():
+        head.requires_grad_(loaded.trainable and any(p.requires_grad for p in head.parameters()))
+    if loaded.trainable and loaded.fused:
         from llamatune.fused import install
 
         install(model)
-    if not trainable:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-    return Loaded(model=model, tokenizer=tokenizer, folder=folder, device=device, dtype=dtype,
-                  dtype_why=why, kernels=kernels)
+    net = Net(model, loaded.heads, chunked_head=loaded.fused)
+    if not loaded.trainable:
+        net.eval()
+        net.requires_grad_(False)
+    loaded.net = net
+    return net
+
+
+def load_model(
+    mcfg: ModelConfig,
+    lcfg: LoraConfig | None = None,
+    *,
+    adapter: str | None = None,
+    trainable: bool = True,
+    seed: int | None = None,
+    full: bool = False,
+    cpu_4bit_packing: bool = True,
+) -> Loaded:
+    """Base + tokenizer with at most one adapter: the common case, in one call.
+
+    Args:
+        mcfg: The model section.
+        lcfg: The LoRA section; ``None`` or ``enabled: false`` adds no new adapter.
+        adapter: A run directory (or adapter folder) whose adapter is loaded onto the base
+            (trainable when ``trainable``).
+        trainable: Prepare for training (see :func:`load_base`).
+        seed: Seeds adapter initialization.
+        full: Full fine-tuning (every weight trains, float32).
+        cpu_4bit_packing: See :func:`load_base`.
+
+    Returns:
+        A finished :class:`Loaded` (``.net`` built).
+    """
+    loaded = load_base(mcfg, trainable=trainable, full=full, cpu_4bit_packing=cpu_4bit_packing,
+                       seed=seed)
+    if adapter is not None:
+        add_adapter(loaded, "default", source=adapter, trainable=trainable)
+    elif lcfg is not None and lcfg.enabled:
+        add_adapter(loaded, "default", lcfg=lcfg, trainable=trainable)
+    finish(loaded, full=full)
+    return loaded
+
+
+def model_line(path: str, loaded: Loaded, extra: str = "") -> str:
+    """The ``model:`` line a stage prints: size, what trains, dtypes and why, 4-bit path."""
+    net = loaded.net
+    n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in net.parameters())
+    return (f"model: {path}{extra} on {loaded.device}, {n_all:,} parameters, {n_train:,} "
+            f"trainable ({100 * n_train / max(n_all, 1):.2f}%); {loaded.describe()}")
+
+
+def save_adapter(model, name: str, folder) -> None:
+    """Save adapter ``name`` as peft's default adapter in ``folder`` (safetensors + config).
+
+    Whatever an adapter is called in memory, a saved run holds its trainable adapter at the
+    top of the run directory under peft's default name, so ``PeftModel.from_pretrained``,
+    ``merge``, ``export`` and ``generate`` read every stage's run alike.
+    """
+    import copy
+
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = get_peft_model_state_dict(model, adapter_name=name)
+    cfg = copy.deepcopy(model.peft_config[name])
+    cfg.inference_mode = True
+    cfg.save_pretrained(str(folder))
+    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()},
+              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def save_trainable(loaded: Loaded, folder) -> None:
+    """Write what trains: the trainable adapter (as peft's default) and trainable heads.
+
+    A full fine-tune (no adapter) writes the whole model with ``save_pretrained``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = loaded.trainable_adapter
+    if name is not None:
+        save_adapter(loaded.model, name, folder)
+    elif loaded.trainable and not loaded.adapters:
+        unwrap_model(loaded.model).save_pretrained(str(folder), safe_serialization=True)
+    for hname, head in loaded.heads.items():
+        if any(p.requires_grad for p in head.parameters()):
+            save_head(head, folder / head_file(hname))
+
+
+def load_trainable(loaded: Loaded, folder) -> None:
+    """Load what :func:`save_trainable` wrote (a checkpoint) back into ``loaded``."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    name = loaded.trainable_adapter
+    if name is not None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(loaded.model, load_file(str(folder / "adapter_model.safetensors")),
+                                  adapter_name=name)
+    elif (folder / "model.safetensors").is_file():
+        unwrap_model(loaded.model).load_state_dict(load_file(str(folder / "model.safetensors")),
+                                                   strict=False)
+    for hname, head in loaded.heads.items():
+        if (folder / head_file(hname)).is_file():
+            load_head(head, folder / head_file(hname))
 
 
 def unwrap_model(model):

@@ -1,9 +1,15 @@
-"""Loop pieces every stage shares: seeding, optimizer, schedule, batches, loss, checkpoints.
+"""The step loop every stage shares, and its pieces: batches, optimizer, checkpoints, resume.
 
-Plain functions, no trainer base class: a stage composes what it needs and reads top to
-bottom. Checkpoints are safetensors plus JSON (no pickles), written under a temporary
-name and renamed only when complete, so a crash never leaves a checkpoint that looks
-usable but is not.
+A stage supplies what differs (:class:`Stage`: its batches, the count a micro-batch's loss
+is normalized by, a loss returning the *summed* loss plus metric sums, and its evaluation);
+:class:`Loop` does the rest the same way for every stage: gradient accumulation normalized
+over the whole window (every token, or pair, weighs the same whatever micro-batch it landed
+in), clipping, the optimizer and schedule, ``metrics.jsonl`` rows, evaluation on schedule,
+atomic checkpoints, exact resume, and the stop before a NaN update. :func:`start` is the
+setup every stage opens with: the cheap checks, the data, the resume check, the run
+directory. Checkpoints are safetensors plus JSON (no pickles), written under a temporary
+name and renamed only when complete, so a crash never leaves a checkpoint that looks usable
+but is not.
 """
 
 from __future__ import annotations
@@ -15,33 +21,35 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from llamatune.config import Config, TrainConfig, save_config
+from llamatune.config import Config, TrainConfig
 from llamatune.errors import UserError
+from llamatune.rundir import checkpoints, latest_checkpoint
 
 __all__ = [
+    "Loop",
     "MetricsWriter",
     "Progress",
+    "Stage",
+    "Start",
     "TrainingDiverged",
+    "batch_groups",
     "build_optimizer",
     "build_scheduler",
     "check_finite",
-    "create_output_dir",
     "data_order",
     "epoch_batches",
-    "latest_checkpoint",
-    "lm_loss_sum",
     "load_checkpoint",
-    "prepare_output_dir",
+    "pair_batches",
     "resume_checkpoint",
     "save_checkpoint",
     "set_seed",
+    "start",
     "trainable_state_dict",
 ]
-
-_FINISHED_MARKERS = ("adapter_model.safetensors", "model.safetensors")
-
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy (if present) and torch."""
@@ -55,59 +63,6 @@ def set_seed(seed: int) -> None:
         np.random.seed(seed)
     except ImportError:
         pass
-
-
-def prepare_output_dir(cfg: Config) -> Path:
-    """Check ``output_dir`` can be written and holds no run we would silently clobber.
-
-    Creates nothing; call :func:`create_output_dir` once the inputs are validated.
-
-    Raises:
-        UserError: Not writable, or a finished run / checkpoints exist and neither
-            ``resume`` nor ``overwrite`` is set.
-    """
-    out = Path(cfg.output_dir).expanduser()
-    # Check without creating anything: nothing is written until the inputs are known good.
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        why = "is not a folder" if probe.exists() and not probe.is_dir() else "is not writable"
-        raise UserError(
-            f"output_dir {cfg.output_dir} cannot be created: {probe} {why}; choose another "
-            "folder with output_dir=PATH."
-        )
-    has_ckpt = bool(_checkpoints(out)) if out.is_dir() else False
-    finished = any((out / m).exists() for m in _FINISHED_MARKERS)
-    if cfg.resume:
-        if not has_ckpt:
-            raise UserError(
-                f"resume=true but output_dir {cfg.output_dir} has no complete checkpoint-STEP "
-                "folder; set train.save_every to write checkpoints, or drop resume=true."
-            )
-    elif (has_ckpt or finished) and not cfg.overwrite:
-        raise UserError(
-            f"output_dir {cfg.output_dir} already holds a run. Continue it with resume=true, "
-            "replace it with overwrite=true, or pick another output_dir."
-        )
-    return out
-
-
-def create_output_dir(cfg: Config, out: Path) -> None:
-    """Create the run directory (clearing an old run when ``overwrite`` is set).
-
-    Raises:
-        UserError: The folder cannot be created.
-    """
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"output_dir {cfg.output_dir} cannot be created ({e.strerror}).") from None
-    if cfg.overwrite and not cfg.resume:
-        for p in out.glob("checkpoint-*"):
-            shutil.rmtree(p, ignore_errors=True)
-        for name in ("metrics.jsonl", *_FINISHED_MARKERS):
-            (out / name).unlink(missing_ok=True)
 
 
 def build_optimizer(model, tcfg: TrainConfig):
@@ -185,78 +140,77 @@ def build_scheduler(optimizer, tcfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def epoch_batches(
-    samples: list[dict], tcfg: TrainConfig, epoch: int, pad_id: int, shuffle: bool = True
-) -> list[dict]:
-    """The micro-batches of one epoch, in a seeded order that depends only on the epoch.
+def batch_groups(lengths: list[int], tcfg: TrainConfig, epoch: int,
+                 shuffle: bool = True) -> list[list[int]]:
+    """Sample indices of one epoch's micro-batches, in a seeded order that depends only on the epoch.
 
-    Without packing, each micro-batch holds ``batch_size`` samples padded to the longest
-    (with ``group_by_length``, samples of similar length). With packing, samples are packed
-    into ``max_length`` rows, ``batch_size`` rows a batch.
+    With ``group_by_length``, samples are sorted by length within chunks of 64 batches, so
+    each batch holds similar lengths (little padding), and the batches are then shuffled so
+    the order still looks random to the optimizer.
     """
-    from llamatune.data.collate import pack, packed_batch, pad_batch
-
-    order = list(range(len(samples)))
+    order = list(range(len(lengths)))
     rng = random.Random(tcfg.seed * 1_000_003 + epoch)
     if shuffle:
         rng.shuffle(order)
     bs = tcfg.batch_size
-    if tcfg.packing:
-        rows = pack([samples[i] for i in order], tcfg.max_length)
-        return [packed_batch(rows[i : i + bs], pad_id) for i in range(0, len(rows), bs)]
     groups = [order[i : i + bs] for i in range(0, len(order), bs)]
     if shuffle and tcfg.group_by_length:
-        # Sort within chunks of 64 batches so each batch holds similar lengths (little padding),
-        # then shuffle the batches so the order still looks random to the optimizer.
         chunk = 64 * bs
         groups = []
         for c in range(0, len(order), chunk):
-            part = sorted(order[c : c + chunk], key=lambda i: len(samples[i]["input_ids"]))
+            part = sorted(order[c : c + chunk], key=lambda i: lengths[i])
             groups += [part[i : i + bs] for i in range(0, len(part), bs)]
         rng.shuffle(groups)
-    return [pad_batch([samples[i] for i in g], pad_id) for g in groups]
+    return groups
 
 
-def lm_loss_sum(model, batch: dict, fused: bool = True):
-    """Summed next-token cross-entropy over supervised positions, and their count.
+def epoch_batches(
+    samples: list[dict], tcfg: TrainConfig, epoch: int, pad_id: int, shuffle: bool = True
+) -> list[dict]:
+    """The micro-batches of one epoch of conversation samples (see :func:`batch_groups`).
 
-    The output head runs only on positions whose next token is supervised, so no
-    full-vocabulary logits are made for prompts or padding.
+    Without packing, each micro-batch holds ``batch_size`` samples padded to the longest.
+    With packing, samples are packed into ``max_length`` rows, ``batch_size`` rows a batch.
+    """
+    from llamatune.data.collate import pack, packed_batch, pad_batch
 
-    Args:
-        model: A causal LM (optionally wrapped by peft).
-        batch: ``input_ids``, ``labels`` (``-100`` where unsupervised) and optionally
-            ``attention_mask`` / ``position_ids``.
-        fused: Compute the head and loss chunk by chunk with the gradient made in the forward
-            pass (:mod:`llamatune._head_loss`), so no ``[n, vocab]`` tensor outlives its chunk.
+    if tcfg.packing:
+        order = list(range(len(samples)))
+        rng = random.Random(tcfg.seed * 1_000_003 + epoch)
+        if shuffle:
+            rng.shuffle(order)
+        bs = tcfg.batch_size
+        rows = pack([samples[i] for i in order], tcfg.max_length)
+        return [packed_batch(rows[i : i + bs], pad_id) for i in range(0, len(rows), bs)]
+    lengths = [len(s["input_ids"]) for s in samples]
+    return [pad_batch([samples[i] for i in g], pad_id)
+            for g in batch_groups(lengths, tcfg, epoch, shuffle)]
+
+
+def pair_batches(samples: list[dict], tcfg: TrainConfig, epoch: int, pad_id: int,
+                 shuffle: bool = True) -> list[dict]:
+    """The micro-batches of one epoch of preference pairs: chosen sides first, then rejected.
+
+    Ordered like :func:`epoch_batches` (a pair's longer side is its length), so a resumed
+    run sees the same batches.
 
     Returns:
-        ``(loss_sum, n_supervised)`` as tensors.
+        Dicts with ``input_ids``, ``labels`` (the answers supervised), ``attention_mask``
+        (right padding) and ``n_real``; rows ``i`` and ``i + n`` of a batch of ``2n`` rows are
+        the two sides of one pair.
     """
-    import torch
-    import torch.nn.functional as F
+    from llamatune.data.collate import pad_batch
 
-    from llamatune.model import unwrap_model
-
-    inner = unwrap_model(model)
-    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
-    for k in ("attention_mask", "position_ids"):
-        if k in batch:
-            kwargs[k] = batch[k]
-    hidden = inner.model(**kwargs).last_hidden_state
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    h = hidden[:, :-1][mask]
-    head = inner.get_output_embeddings()
-    if fused and type(head) is torch.nn.Linear and head.bias is None:
-        # The usual case: chunked, with no [n, vocab] log-softmax kept for the backward pass.
-        from llamatune._head_loss import head_cross_entropy_sum
-
-        loss = head_cross_entropy_sum(h, head.weight, labels[mask])
-    else:
-        logits = head(h).float()
-        loss = F.cross_entropy(logits, labels[mask], reduction="sum")
-    return loss, mask.sum()
+    lengths = [max(len(s["chosen_ids"]), len(s["rejected_ids"])) for s in samples]
+    out = []
+    for g in batch_groups(lengths, tcfg, epoch, shuffle):
+        rows = [{"input_ids": samples[i][f"{side}_ids"]} for side in ("chosen", "rejected")
+                for i in g]
+        for row, (side, i) in zip(rows, [(side, i) for side in ("chosen", "rejected") for i in g]):
+            if f"{side}_labels" in samples[i]:
+                row["labels"] = samples[i][f"{side}_labels"]
+        out.append(pad_batch(rows, pad_id))
+    return out
 
 
 def trainable_state_dict(model) -> dict:
@@ -393,25 +347,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     (tmp / "trainer_state.json").write_text(json.dumps(full_state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    ckpts = sorted(_checkpoints(run_dir), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = checkpoints(run_dir)
     for old in ckpts[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _checkpoints(run_dir: Path) -> list[Path]:
-    out = []
-    for p in run_dir.glob("checkpoint-*"):
-        tail = p.name.split("-", 1)[1]
-        if tail.isdigit() and (p / "trainer_state.json").is_file():
-            out.append(p)
-    return out
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint, or ``None``."""
-    ckpts = _checkpoints(run_dir)
-    return max(ckpts, key=lambda p: int(p.name.split("-")[1])) if ckpts else None
 
 
 def load_checkpoint(folder: Path, optimizer, scheduler, lr: float | None = None) -> dict:
@@ -480,7 +419,7 @@ def resume_checkpoint(cfg: Config, run_dir: Path, order: dict) -> Path:
             ``resume_accept_changes`` is not set.
     """
     ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
+    if ckpt is None:  # prepare_output_dir checked; a checkpoint vanished meanwhile
         raise UserError(f"resume=true but output_dir {cfg.output_dir} has no complete "
                         "checkpoint-STEP folder; set train.save_every to write checkpoints, or "
                         "drop resume=true.")
@@ -533,10 +472,197 @@ def _py_rng_from_json(st):
     return (st[0], tuple(st[1]), st[2])
 
 
-def write_run_files(run_dir: Path, cfg: Config, tokenizer, template: str) -> None:
-    """Resolved config plus tokenizer with the run's chat template, so the folder is self-contained."""
-    from llamatune.data.templates import to_jinja
+# -- the stage's side of the loop ------------------------------------------------------------
 
-    save_config(cfg, run_dir / "config.yaml")
-    tokenizer.chat_template = to_jinja(tokenizer, template, cfg.data.system)
-    tokenizer.save_pretrained(str(run_dir))
+@dataclass
+class Start:
+    """What :func:`start` hands a stage: the run directory, tokenizer and data, resume point."""
+
+    run_dir: Path
+    tokenizer: object
+    data: object
+    """The :class:`~llamatune.data.prepare.Prepared` data."""
+    data_order: dict
+    resume_from: Path | None
+    """The checkpoint to resume from (``resume=true``), already checked against the data order."""
+
+
+def start(cfg: Config, kind: str, command: str, recipe_path: str | None = None) -> Start:
+    """Open a stage: check cheap things first, tokenize, check the resume, create the run dir.
+
+    Nothing is written until the data and the resume point are known good; the model is not
+    loaded (nor a GGUF converted) before a bad recipe key or data row has been reported.
+
+    Args:
+        cfg: The stage's config (its paths are written back absolute).
+        kind: The data kind (``conversations``, ``pairs``, ``prompts``).
+        command: The stage command, for messages (``llamatune rm``).
+        recipe_path: The recipe file.
+
+    Returns:
+        A :class:`Start`.
+    """
+    from llamatune import rundir
+    from llamatune.data import prepare
+    from llamatune.data.prepare import check
+    from llamatune.model import load_tokenizer, resolve_model_path
+
+    run_dir = rundir.prepare_output_dir(cfg)
+    check(cfg, kind, command)
+    tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model.path))
+    data = prepare(cfg, tokenizer, kind, command, recipe_path)
+    print(f"data: {data.summary()}", flush=True)
+    order = data_order(cfg, data.train)
+    ckpt = resume_checkpoint(cfg, run_dir, order) if cfg.resume else None
+    rundir.create_output_dir(cfg, run_dir)
+    rundir.write_run_files(run_dir, rundir.absolute_config(cfg, recipe_path), tokenizer)
+    set_seed(cfg.train.seed)
+    return Start(run_dir, tokenizer, data, order, ckpt)
+
+
+class Stage(Protocol):
+    """What a stage gives :class:`Loop`."""
+
+    name: str
+    """Short name for the progress bar (``sft``, ``rm``, ``dpo``)."""
+
+    def batches(self, epoch: int) -> list[dict]:
+        """The micro-batches of an epoch, in a seeded order (each with ``n_real``)."""
+
+    def count(self, batch: dict) -> int:
+        """The units (supervised tokens, pairs) a micro-batch's loss sums over."""
+
+    def loss(self, batch: dict):
+        """``(loss_sum, metric_sums)``: the summed loss (a tensor) and per-unit figures summed."""
+
+    def evaluate(self) -> dict:
+        """Held-out figures (``eval_loss`` and the stage's own), or ``{}``."""
+
+
+class Loop:
+    """The optimizer steps of a stage, the same for every stage.
+
+    Args:
+        cfg: The stage's config (``train.*``).
+        stage: The :class:`Stage`.
+        loaded: The :class:`~llamatune.model.Loaded` model (its net's trainable parameters
+            are optimized; its trainable adapter and heads are what checkpoints save).
+        begun: The stage's :class:`Start` (run directory, data order, resume point).
+        has_eval: Whether the stage has held-out data to evaluate.
+    """
+
+    def __init__(self, cfg: Config, stage: Stage, loaded, begun: Start, has_eval: bool):
+        self.cfg, self.stage, self.loaded = cfg, stage, loaded
+        self.run_dir, self.data_order = begun.run_dir, begun.data_order
+        self.has_eval = has_eval
+        self.step = self.epoch = self.micro = 0  # micro: micro-batches of this epoch consumed
+        tc = cfg.train
+        n_micro = len(stage.batches(0))
+        self.steps_per_epoch = max(1, math.ceil(n_micro / tc.grad_accum))
+        self.total_steps = tc.step_cap or math.ceil(tc.epochs * self.steps_per_epoch)
+        self.optimizer = build_optimizer(loaded.net, tc)
+        self.scheduler = build_scheduler(self.optimizer, tc, self.total_steps)
+        resume_step = None
+        if begun.resume_from is not None:
+            from llamatune.model import load_trainable
+
+            load_trainable(loaded, begun.resume_from)
+            state = load_checkpoint(begun.resume_from, self.optimizer, self.scheduler, tc.lr)
+            self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
+            resume_step = self.step
+            print(f"resumed from {begun.resume_from} (step {self.step})", flush=True)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step)
+
+    def run(self) -> None:
+        """Run the optimizer steps, logging, evaluating and checkpointing on schedule."""
+        import torch
+
+        tc, stage, net = self.cfg.train, self.stage, self.loaded.net
+        net.train()
+        bar = Progress(self.total_steps, self.step, tc.progress, stage.name)
+        batches = stage.batches(self.epoch)
+        params = [p for p in net.parameters() if p.requires_grad]
+        t_log, tokens_log = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            window = []
+            while len(window) < tc.grad_accum:
+                if self.micro >= len(batches):
+                    self.epoch += 1
+                    self.micro = 0
+                    batches = stage.batches(self.epoch)
+                window.append(batches[self.micro])
+                self.micro += 1
+            # Normalized over the whole window: every unit weighs the same.
+            count = sum(stage.count(b) for b in window)
+            step_loss, sums = 0.0, {}
+            for b in window:
+                loss_sum, figures = stage.loss(b)
+                (loss_sum / count).backward()
+                step_loss += loss_sum.item()
+                for k, v in figures.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                tokens_log += int(b["n_real"])
+            grad_norm = None
+            if tc.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
+            loss = step_loss / count
+            check_finite(self.step + 1, loss, grad_norm, self.run_dir)
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=False)
+            self.step += 1
+            figures = {k: v / count for k, v in sums.items()}
+            if self.step % tc.log_every == 0 or self.step == self.total_steps:
+                dt = time.perf_counter() - t_log
+                row = {"step": self.step, "epoch": round(self.epoch + self.micro / len(batches), 4),
+                       "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(tokens_log / dt, 2)}
+                row.update({k: round(v, 6) for k, v in figures.items()})
+                if grad_norm is not None:
+                    row["grad_norm"] = round(grad_norm, 6)
+                self.metrics.write(row)
+                bar.update(loss=loss, **{k: v for k, v in figures.items() if k == "accuracy"},
+                           tok_s=round(tokens_log / dt))
+                t_log, tokens_log = time.perf_counter(), 0
+            else:
+                bar.update(loss=loss)
+            if self.has_eval and tc.eval_every and self.step % tc.eval_every == 0:
+                self._log_eval(bar)
+            if tc.save_every and self.step % tc.save_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        # The last step's scheduled evaluation already measured the final model.
+        if self.has_eval and not (tc.eval_every and self.step % tc.eval_every == 0):
+            self._log_eval(None)
+
+    def evaluate(self) -> dict:
+        """The stage's held-out figures, in eval mode and without gradients."""
+        import torch
+
+        net = self.loaded.net
+        net.eval()
+        try:
+            with torch.no_grad():
+                return self.stage.evaluate()
+        finally:
+            net.train()
+
+    def _log_eval(self, bar) -> None:
+        ev = self.evaluate()
+        if not ev:
+            return
+        self.metrics.write({"step": self.step, **{k: round(v, 6) for k, v in ev.items()}})
+        msg = f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items())
+        if bar is not None:
+            bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-STEP/``: trainable weights, optimizer, schedule, RNG, position."""
+        from llamatune.model import save_trainable
+
+        return save_checkpoint(
+            self.run_dir, self.step, self.loaded, self.optimizer, self.scheduler,
+            {"epoch": self.epoch, "micro": self.micro, "data_order": self.data_order},
+            self.cfg.train.keep_checkpoints, save_trainable)

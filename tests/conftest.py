@@ -197,6 +197,7 @@ def make_recipe(tmp_path: Path, model_dir: Path, data_path: Path, **sections) ->
     import yaml
 
     cfg = {
+        "stage": "sft",
         "model": {"path": str(model_dir)},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"path": str(data_path), "format": "alpaca", "template": "alpaca"},

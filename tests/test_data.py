@@ -182,7 +182,7 @@ def test_packing_gives_the_unpacked_loss(tiny_model_dir, tiny_tokenizer, alpaca_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llamatune.training import lm_loss_sum
+    from llamatune.net import lm_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     model.eval()

@@ -15,8 +15,9 @@ from llamatune.cli import main as cli
 from llamatune.config import ConfigError, LoraConfig, ModelConfig, load_config
 from llamatune.errors import UserError
 from llamatune.model import dtype_choice, load_model
-from llamatune.recipes.reward import RewardRecipe, load_reward_model
+from llamatune.recipes.reward import RewardRecipe
 from llamatune.recipes.sft import SFTRecipe
+from llamatune.score import load_reward_model
 
 
 @pytest.fixture
@@ -59,7 +60,7 @@ def test_bf16_sft_keeps_fp32_master_weights_and_states(tmp_path, tiny_model_dir,
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     assert any(p.dtype == torch.bfloat16 for p in frozen)
     r.train()
-    for state in r.optimizer.state.values():
+    for state in r.loop.optimizer.state.values():
         assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
     # The same run on the fp32 path: the bf16 base moves each loss by bf16 rounding only.
     path32 = make_recipe(tmp_path / "fp32", tiny_model_dir, alpaca_file, model={"dtype": "float32"},
@@ -83,14 +84,14 @@ def test_bf16_reward_stage_from_an_sft_run(tmp_path, tiny_model_dir, alpaca_file
     sft = make_recipe(tmp_path / "sft", tiny_model_dir, alpaca_file, train={"max_steps": 2})
     assert cli(["sft", str(sft)]) == 0
     pref = write_jsonl(tmp_path / "pref.jsonl", _pairs())
-    path = make_recipe(tmp_path / "rm", tiny_model_dir, pref,
+    path = make_recipe(tmp_path / "rm", tiny_model_dir, pref, stage="rm",
                        model={"adapter": str(tmp_path / "sft" / "run")},
                        data={"format": "preference", "template": "chatml",
                              "eval_group_by": "topic", "eval_split": 2},
                        train={"max_steps": 12, "lr": 2e-2})
     r = RewardRecipe(load_config(path), str(path))
     r.setup()
-    head = [(n, p) for n, p in r.model.named_parameters() if "score" in n and p.requires_grad]
+    head = [(n, p) for n, p in r.net.named_parameters() if "score" in n and p.requires_grad]
     assert head and all(p.dtype == torch.float32 for _, p in head), "the score head trains in fp32"
     r.train()
     r.cleanup()

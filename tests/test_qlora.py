@@ -253,7 +253,7 @@ def test_lora_gradients_unchanged_by_a_no_grad_eval_forward(tiny_wide_model_dir)
     _needs_repacking_cpu()
     from llamatune.config import LoraConfig, ModelConfig
     from llamatune.model import load_model
-    from llamatune.training import lm_loss_sum
+    from llamatune.net import lm_loss_sum
 
     ids = torch.randint(5, 300, (2, 12))
     batch = {"input_ids": ids, "labels": ids.clone()}

@@ -8,13 +8,10 @@ from conftest import WORDS, make_recipe, write_jsonl
 
 from llamatune.cli import main as cli
 from llamatune.config import load_config
-from llamatune.recipes.reward import (
-    RewardRecipe,
-    load_reward_model,
-    pair_batches,
-    sequence_rewards,
-)
-from llamatune.training import trainable_state_dict
+from llamatune.net import sequence_scores as sequence_rewards
+from llamatune.recipes.reward import RewardRecipe
+from llamatune.score import load_reward_model
+from llamatune.training import pair_batches, trainable_state_dict
 
 TOPICS = ["cat", "dog", "sun", "moon", "water", "sky", "python", "paris"]
 
@@ -39,6 +36,7 @@ def pref_file(tmp_path):
 
 def _cfg_sections(**extra):
     sections = dict(
+        stage="rm",
         data={"format": "preference", "template": "chatml", "eval_group_by": "topic",
               "eval_split": 2},
         train={"max_steps": 2, "batch_size": 4, "lr": 1e-2},
@@ -84,13 +82,13 @@ def test_head_and_lora_get_gradients_base_does_not(tmp_path, tiny_model_dir, pre
     r.setup()
     b = pair_batches(r.train_samples, r.cfg.train, 0, r.pad_id)[0]
     # One step first, so lora_B is no longer zero and lora_A receives gradient too.
-    before = {n: p.detach().clone() for n, p in r.model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in r.net.named_parameters()}
     r.train()
-    rewards = sequence_rewards(r.model, b["input_ids"], b["attention_mask"])
+    rewards = sequence_rewards(r.net, b["input_ids"], b["attention_mask"])
     (rewards[:4] - rewards[4:]).sum().backward()
     names = {"head": 0, "lora_A": 0, "lora_B": 0, "frozen": 0}
-    for n, p in r.model.named_parameters():
-        if "modules_to_save" in n and "score" in n:
+    for n, p in r.net.named_parameters():
+        if n.startswith("heads.score."):
             assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, n
             assert not torch.equal(before[n], p.detach()), "the score head trains in full"
             names["head"] += 1
@@ -108,15 +106,16 @@ def test_head_and_lora_get_gradients_base_does_not(tmp_path, tiny_model_dir, pre
 def test_reward_read_at_last_real_token_with_any_padding(tiny_model_dir, tiny_tokenizer):
     import torch
 
+    from llamatune import model as loader
     from llamatune.config import LoraConfig, ModelConfig
-    from llamatune.model import load_model
 
-    loaded = load_model(ModelConfig(path=str(tiny_model_dir)), LoraConfig(r=4), task="reward",
-                        trainable=False, seed=0)
-    model = loaded.model
+    loaded = loader.load_base(ModelConfig(path=str(tiny_model_dir)), trainable=False, seed=0)
+    loader.add_adapter(loaded, "reward", lcfg=LoraConfig(r=4), trainable=False)
+    loader.add_head(loaded, "score", trainable=False)
+    model = loader.finish(loaded).double()  # float64: SDPA's padded/unpadded paths agree
     with torch.no_grad():  # make the adapter matter, so a wrong position shows
         for n, p in model.named_parameters():
-            if "lora_B" in n or "modules_to_save" in n:
+            if "lora_B" in n or "heads.score" in n:
                 p.copy_(torch.randn_like(p) * 0.5)
     g = torch.Generator().manual_seed(0)
     eos = tiny_tokenizer.eos_token_id
@@ -171,7 +170,7 @@ def test_accumulation_weighs_every_pair_equally(tmp_path, tiny_model_dir, pref_f
                               "group_by_length": False})
         r.setup()
         r.train()
-        states.append({n: t.clone() for n, t in trainable_state_dict(r.model).items()})
+        states.append({n: t.clone() for n, t in trainable_state_dict(r.net).items()})
     for n in states[0]:
         assert torch.allclose(states[0][n], states[1][n], atol=1e-6), n
 
@@ -207,11 +206,11 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir, pref_file):
     straight = losses(tmp_path / "a" / "run")
     r, _ = _recipe(tmp_path / "b", tiny_model_dir, pref_file, **base)
     r.setup()
-    r.total_steps = 4  # "crash" one step past the checkpoint
+    r.loop.total_steps = 4  # "crash" one step past the checkpoint
     r.train()
     r, _ = _recipe(tmp_path / "b", tiny_model_dir, pref_file, resume=True, **base)
     r.setup()
-    assert r.step == 3
+    assert r.loop.step == 3
     r.train()
     r.cleanup()
     assert losses(tmp_path / "b" / "run") == pytest.approx(straight, abs=1e-6)
@@ -237,13 +236,13 @@ def test_score_api_matches_training_model_and_keeps_row_order(tmp_path, tiny_mod
     assert scores == pytest.approx(rm.score(convs, batch_size=1), abs=1e-5)
     assert rm.score(convs[::-1], batch_size=4) == pytest.approx(scores[::-1], abs=1e-5)
     # The reloaded model scores exactly like the one that was trained.
-    r.model.eval()
+    r.net.eval()
     with torch.no_grad():
         for i in (0, 3, 7):
             from llamatune.data.templates import render
 
             ids = render(r.tokenizer, "chatml", convs[i]).input_ids
-            want = sequence_rewards(r.model, torch.tensor([ids]), torch.ones(1, len(ids)))
+            want = sequence_rewards(r.net, torch.tensor([ids]), torch.ones(1, len(ids)))
             assert scores[i] == pytest.approx(float(want), abs=1e-5)
     assert all(scores[i] > scores[i + 1] for i in range(0, len(scores), 2))
     with pytest.raises(Exception, match="does not end with an assistant turn"):
@@ -260,7 +259,7 @@ def test_cli_rm_then_score_json(tmp_path, tiny_model_dir, pref_file, capsys):
     for f in ("config.yaml", "metrics.jsonl", "adapter_model.safetensors", "adapter_config.json",
               "tokenizer_config.json", "chat_template.jinja"):
         assert (run / f).exists(), f
-    assert "score" in json.loads((run / "adapter_config.json").read_text())["modules_to_save"]
+    assert (run / "score_head.safetensors").exists()
     rows = []
     for p in _pairs(n_per_topic=1, seed=11)[:4]:
         for side in ("chosen", "rejected"):
@@ -307,34 +306,37 @@ def test_rm_starts_from_sft_run(tmp_path, tiny_model_dir, pref_file, alpaca_file
     r, _ = _recipe(tmp_path / "rm", tiny_model_dir, pref_file,
                    model={"adapter": str(sft_run), "dtype": "float32"}, train={"max_steps": 3})
     r.setup()
-    # The reward model's frozen backbone holds base + SFT delta.
+    # The reward model's backbone starts as base + SFT delta: its adapter is a trainable copy
+    # of the SFT adapter, so its hidden states are the SFT model's (and not the base's).
     lm = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     merged = PeftModel.from_pretrained(lm, str(sft_run)).merge_and_unload()
-    want = merged.model.layers[0].self_attn.q_proj.weight
-    inner = r.model.get_base_model()
-    got = inner.model.layers[0].self_attn.q_proj.base_layer.weight
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).model.layers[0]
-    assert torch.allclose(got, want, atol=1e-6)
-    assert not torch.allclose(got, base.self_attn.q_proj.weight, atol=1e-4)
+    ids = torch.tensor([r.train_samples[0]["chosen_ids"]])
+    with torch.no_grad():
+        want = merged.model(input_ids=ids).last_hidden_state
+        got = r.net._hidden({"input_ids": ids})
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).model(
+            input_ids=ids).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-3)
     r.train()
     r.cleanup()
     run = tmp_path / "rm" / "run"
-    assert (run / "sft_adapter" / "adapter_model.safetensors").exists()
+    assert (run / "score_head.safetensors").exists()  # the run needs nothing of the SFT run
     rm = load_reward_model(str(run))
     conv = [{"role": "user", "content": "tell me about cat"},
             {"role": "assistant", "content": "the cat is blue thanks"}]
     from llamatune.data.templates import render
 
     ids = render(r.tokenizer, "chatml", conv).input_ids
-    r.model.eval()
+    r.net.eval()
     with torch.no_grad():
-        want_score = float(sequence_rewards(r.model, torch.tensor([ids]), torch.ones(1, len(ids))))
+        want_score = float(sequence_rewards(r.net, torch.tensor([ids]), torch.ones(1, len(ids))))
     assert rm.score([conv])[0] == pytest.approx(want_score, abs=1e-5)
     # A reward run is not an SFT run to start from.
     _, path = _recipe(tmp_path / "rm2", tiny_model_dir, pref_file, model={"adapter": str(run)})
     from llamatune.errors import UserError
 
-    with pytest.raises(UserError, match="SEQ_CLS adapter"):
+    with pytest.raises(UserError, match="is a reward model"):
         RewardRecipe(load_config(path), str(path)).setup()
 
 

@@ -89,7 +89,7 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir, alpaca_file):
     # Interrupted after step 3 (the checkpoint), then resumed.
     r = _recipe(tmp_path / "b", tiny_model_dir, alpaca_file, **base)
     r.setup()
-    r.total_steps = 4  # "crash" after one step past the checkpoint
+    r.loop.total_steps = 4  # "crash" after one step past the checkpoint
     r.train()
     assert (tmp_path / "b" / "run" / "checkpoint-3" / "trainer_state.json").exists()
     path = make_recipe(tmp_path / "b", tiny_model_dir, alpaca_file, resume=True, **base)

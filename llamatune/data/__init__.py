@@ -2,12 +2,20 @@
 
 from llamatune.data.collate import pack, packed_batch, pad_batch
 from llamatune.data.formats import FORMATS, read_records
+from llamatune.data.prepare import KINDS, Prepared, prepare, resolve_data_path, verification_samples
 from llamatune.data.split import split_records
 from llamatune.data.templates import TEMPLATES, Template, get_template, render, stop_token_ids
-from llamatune.data.tokenize import Stats, tokenize_conversations, tokenize_preferences
+from llamatune.data.tokenize import (
+    Stats,
+    tokenize_conversations,
+    tokenize_preferences,
+    tokenize_prompts,
+)
 
 __all__ = [
     "FORMATS",
+    "KINDS",
+    "Prepared",
     "TEMPLATES",
     "Stats",
     "Template",
@@ -15,10 +23,14 @@ __all__ = [
     "pack",
     "packed_batch",
     "pad_batch",
+    "prepare",
     "read_records",
     "render",
+    "resolve_data_path",
     "split_records",
     "stop_token_ids",
     "tokenize_conversations",
     "tokenize_preferences",
+    "tokenize_prompts",
+    "verification_samples",
 ]

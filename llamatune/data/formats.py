@@ -6,7 +6,8 @@ Canonical records are plain dicts, whatever the file looked like:
   ``{"messages": [{"role", "content"[, "input"]}, ...], "loc": "file:line"}``
 * preference: ``{"prompt": [...messages], "chosen": [...], "rejected": [...], "loc": ...}``
   where ``chosen``/``rejected`` hold the assistant turn(s) that follow the shared prompt
-* prompts: ``{"messages": [...], "loc": ...}`` ending with a user turn
+* prompts: ``{"messages": [...], "fields": {...}, "loc": ...}`` ending with a user turn;
+  ``fields`` holds the row's other fields (such as ``answer``) for reward functions
 
 Every record also carries ``group`` (the value of ``data.eval_group_by``, if set). A format
 is a reader function in :data:`FORMATS`; problems are collected per row and reported
@@ -329,7 +330,9 @@ def _prompts(row, fields) -> dict:
     msgs = _as_messages(val, key, "user")
     if msgs[-1]["role"] != "user" or not msgs[-1]["content"].strip():
         raise RowError(key, "must end with a non-empty user turn")
-    return {"messages": _check_turns(msgs, key, need_answer=False)}
+    # The row's other fields (an expected answer, say) go to reward functions as they are.
+    extra = {k: v for k, v in row.items() if k != key}
+    return {"messages": _check_turns(msgs, key, need_answer=False), "fields": extra}
 
 
 FORMATS: dict[str, Callable[[dict, dict], dict]] = {

@@ -25,9 +25,10 @@ from pathlib import Path
 from llamatune.data.templates import get_template, render, stop_token_ids
 from llamatune.errors import UserError
 
-__all__ = ["Stats", "tokenize_conversations", "tokenize_preferences", "tokenizer_fingerprint"]
+__all__ = ["Stats", "tokenize_conversations", "tokenize_preferences", "tokenize_prompts",
+           "tokenizer_fingerprint"]
 
-_CACHE_VERSION = "2"
+_CACHE_VERSION = "3"
 
 
 @dataclass
@@ -198,8 +199,9 @@ def tokenize_preferences(
     """Tokenize preference pairs: each side is the prompt plus that answer, end token last.
 
     Returns:
-        ``{"chosen_ids", "rejected_ids", "group"}`` samples (pairs where either side exceeds
-        ``max_length`` are dropped and counted) and the counts.
+        ``{"chosen_ids", "rejected_ids", "chosen_labels", "rejected_labels", "group"}`` samples
+        (labels are ``-100`` outside the answer and its end token; pairs where either side
+        exceeds ``max_length`` are dropped and counted) and the counts.
     """
     key = [(r["prompt"], r["chosen"], r["rejected"]) for r in records]
     path = _cache_path(cache_root, "pref", key, tokenizer, template, system, max_length, "drop")
@@ -219,11 +221,50 @@ def tokenize_preferences(
         oks = [_check(r.input_ids, r.labels, r.bos_id, False, ends, rec["loc"], stats)
                for r in sides]
         samples.append({"chosen_ids": sides[0].input_ids, "rejected_ids": sides[1].input_ids,
+                        "chosen_labels": sides[0].labels, "rejected_labels": sides[1].labels,
                         "group": rec.get("group")})
         stats.samples += 1
         stats.bos_ok += all(ok[0] for ok in oks)
         stats.end_ok += all(ok[1] for ok in oks)
         stats.tokens += len(sides[0].input_ids) + len(sides[1].input_ids)
+    _finish(stats, "data.path")
+    _save_cache(path, samples, stats)
+    return samples, stats
+
+
+def tokenize_prompts(
+    records: list[dict],
+    tokenizer,
+    template: str,
+    *,
+    system: str | None = None,
+    max_length: int = 512,
+    cache_root: str | os.PathLike | None = None,
+) -> tuple[list[dict], Stats]:
+    """Tokenize prompt records up to the open assistant turn (what generation is fed).
+
+    Returns:
+        ``{"input_ids", "fields"}`` samples (``fields``: the row's other fields, for reward
+        functions; prompts longer than ``max_length`` are dropped and counted) and the counts.
+    """
+    key = [(r["messages"], r.get("fields")) for r in records]
+    path = _cache_path(cache_root, "prompt", key, tokenizer, template, system, max_length, "drop")
+    hit = _load_cache(path)
+    if hit is not None:
+        return hit
+    stats = Stats(records=len(records))
+    samples = []
+    for rec in records:
+        r = render(tokenizer, template, rec["messages"], system=system, add_generation_prompt=True)
+        if len(r.input_ids) > max_length:
+            stats.dropped_too_long += 1
+            continue
+        bos_ok, _ = _check(r.input_ids, r.labels, r.bos_id, True, set(), rec["loc"], stats)
+        samples.append({"input_ids": r.input_ids, "fields": rec.get("fields") or {},
+                        "group": rec.get("group")})
+        stats.samples += 1
+        stats.bos_ok += bos_ok
+        stats.tokens += len(r.input_ids)
     _finish(stats, "data.path")
     _save_cache(path, samples, stats)
     return samples, stats

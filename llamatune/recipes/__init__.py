@@ -11,7 +11,10 @@ from typing import Protocol
 
 from llamatune.errors import UserError
 
-__all__ = ["Recipe", "resolve_adapter_dir"]
+__all__ = ["STAGE_DATA", "Recipe", "claim_stage", "resolve_adapter_dir", "stage_data"]
+
+STAGE_DATA = {"sft": "conversations", "rm": "pairs", "dpo": "pairs", "ppo": "prompts"}
+"""The kind of data each training stage reads (see :mod:`llamatune.data.prepare`)."""
 
 
 class Recipe(Protocol):
@@ -43,3 +46,37 @@ def resolve_adapter_dir(path: str, key: str = "model.adapter") -> str:
         f"{key} {path}: no adapter_config.json there; point it at a finished llamatune run "
         "directory (or a peft adapter folder)."
     )
+
+
+def claim_stage(cfg, command: str, recipe_path: str | None = None) -> None:
+    """Check that a recipe is for the stage about to run it, and fill in ``stage`` if unset.
+
+    Raises:
+        UserError: The recipe names another stage.
+    """
+    if cfg.stage is None:
+        cfg.stage = command
+    elif cfg.stage != command:
+        name = recipe_path or "this recipe"
+        raise UserError(
+            f"{name} is a `stage: {cfg.stage}` recipe, so `llamatune {command}` cannot run it; "
+            f"run `llamatune {cfg.stage} {name}`, or change its stage: key."
+        )
+
+
+def stage_data(cfg, recipe_path: str | None = None) -> tuple[str, str]:
+    """``(data kind, command)`` of a recipe's stage, for commands that read any stage's data.
+
+    Raises:
+        UserError: The recipe has no ``stage:`` key, or names a stage without data of its own.
+    """
+    if cfg.stage is None:
+        name = recipe_path or "the recipe"
+        raise UserError(
+            f"{name} has no stage: key, so it is not clear whose data to read; add "
+            f"`stage: sft` (or {', '.join(k for k in STAGE_DATA if k != 'sft')}) at its top."
+        )
+    if cfg.stage not in STAGE_DATA:
+        raise UserError(f"stage {cfg.stage!r} reads no data of its own; validate or preview "
+                        "the recipes of its stages.")
+    return STAGE_DATA[cfg.stage], f"llamatune {cfg.stage}"

@@ -2,7 +2,8 @@
 
 Loads only the tokenizer. The human view marks supervised text with ``[[...]]`` and prints
 the invariant counts; ``--json`` prints one object per sample per line with ``text``,
-``input_ids`` and ``labels`` (-100 where unsupervised).
+``input_ids`` and ``labels`` (-100 where unsupervised). The recipe's ``stage:`` says which
+stage's data to show (conversations, preference pairs or prompts).
 """
 
 from __future__ import annotations
@@ -29,32 +30,30 @@ def marked_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     return "".join(out)
 
 
+def _rows(prepared, n: int) -> list[dict]:
+    if prepared.kind == "conversations":
+        return [dict(s) for s in prepared.train[:n]]
+    if prepared.kind == "prompts":
+        return [{"input_ids": s["input_ids"], "labels": [-100] * len(s["input_ids"])}
+                for s in prepared.train[:n]]
+    return [{"side": side, "input_ids": s[f"{side}_ids"], "labels": s[f"{side}_labels"]}
+            for s in prepared.train[:n] for side in ("chosen", "rejected")]
+
+
 def run_preview(cfg, recipe_path: str | None, n: int = 3, as_json: bool = False) -> int:
     """Print ``n`` rendered training samples of a recipe.
 
     Returns:
         The exit code.
     """
+    from llamatune.data import prepare
     from llamatune.model import load_tokenizer, resolve_model_path
+    from llamatune.recipes import stage_data
 
-    folder = resolve_model_path(cfg.model.path)
-    tok = load_tokenizer(cfg.model, folder)
-    if cfg.data.format == "preference":
-        from llamatune.recipes.reward import prepare_pairs
-
-        train, _, stats = prepare_pairs(cfg, tok, recipe_path)
-        rows = []
-        for s in train[:n]:
-            for side in ("chosen", "rejected"):
-                ids = s[f"{side}_ids"]
-                rows.append({"side": side, "input_ids": ids, "labels": [-100] * (len(ids) - 1)
-                             + [ids[-1]]})
-    else:
-        from llamatune.recipes.sft import prepare_data
-
-        train, _, stats = prepare_data(cfg, tok, recipe_path)
-        rows = [dict(s) for s in train[:n]]
-    for i, row in enumerate(rows):
+    kind, command = stage_data(cfg, recipe_path)
+    tok = load_tokenizer(cfg.model, resolve_model_path(cfg.model.path))
+    prepared = prepare(cfg, tok, kind, command, recipe_path)
+    for i, row in enumerate(_rows(prepared, n)):
         text = tok.decode(row["input_ids"], skip_special_tokens=False)
         if as_json:
             print(json.dumps({"text": text, "input_ids": row["input_ids"],
@@ -66,5 +65,5 @@ def run_preview(cfg, recipe_path: str | None, n: int = 3, as_json: bool = False)
               f"[[marked]] ---")
         print(marked_text(tok, row["input_ids"], row["labels"]))
     if not as_json:
-        print(f"--- template {cfg.data.template}; {stats.summary()}")
+        print(f"--- template {cfg.data.template}; {prepared.summary()}")
     return 0

@@ -1,0 +1,197 @@
+"""Data preparation for every stage and command: find, read, validate, split, tokenize.
+
+One place turns a recipe's ``data.*`` keys into token ids, whatever uses them: the training
+stages, ``validate``, ``preview`` and ``merge`` (which verifies a run on its own data). What
+a stage trains on is one of three kinds:
+
+* ``conversations`` (``alpaca``, ``sharegpt``, ``messages``): ``{"input_ids", "labels"}``,
+  answers and their end tokens supervised (SFT);
+* ``pairs`` (``preference``): ``{"chosen_ids", "rejected_ids", "chosen_labels",
+  "rejected_labels", "group"}``, each side the prompt plus that answer (reward model, DPO);
+* ``prompts`` (``prompts``): ``{"input_ids", "fields"}``, the prompt rendered up to the open
+  assistant turn, with the row's other fields (such as ``answer``) for reward functions (PPO).
+
+:func:`check` runs the cheap checks (format, template, settings that do not apply) before
+anything heavy is loaded; :func:`prepare` does the rest. Knows no model, loop or stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamatune._cache import cache_dir
+from llamatune.data.formats import read_records
+from llamatune.data.split import split_records
+from llamatune.data.templates import get_template, render
+from llamatune.data.tokenize import (
+    Stats,
+    tokenize_conversations,
+    tokenize_preferences,
+    tokenize_prompts,
+)
+from llamatune.errors import UserError
+
+__all__ = ["KINDS", "Prepared", "check", "prepare", "resolve_data_path", "verification_samples"]
+
+KINDS = {
+    "conversations": ("alpaca", "sharegpt", "messages"),
+    "pairs": ("preference",),
+    "prompts": ("prompts",),
+}
+"""Record formats each kind of stage data accepts."""
+
+_WHAT = {"conversations": "conversations", "pairs": "preference pairs (prompt, chosen, rejected)",
+         "prompts": "prompts"}
+
+
+@dataclass
+class Prepared:
+    """A stage's tokenized data."""
+
+    train: list[dict]
+    eval: list[dict]
+    stats: Stats
+    kind: str
+
+    def summary(self) -> str:
+        """The ``data:`` line printed before training."""
+        if self.kind == "prompts":
+            s = self.stats
+            return (f"{s.samples}/{s.records} prompts, {s.tokens:,} tokens; BOS ok "
+                    f"{s.bos_ok}/{s.samples}; dropped {s.dropped_too_long} too long for "
+                    f"train.max_length; eval {len(self.eval)} prompts")
+        unit = "pairs" if self.kind == "pairs" else "samples"
+        return f"{self.stats.summary()}; eval {len(self.eval)} {unit}"
+
+
+def resolve_data_path(path: str, recipe_path: str | None) -> str:
+    """Find a data path: as given, else next to the recipe file, else among the shipped sets.
+
+    Relative paths are tried against the working directory first. The result is absolute
+    when the file was found, so a run directory's config works from any directory.
+    """
+    p = Path(path).expanduser()
+    if p.exists():
+        return str(p.resolve())
+    if p.is_absolute():
+        return str(p)
+    candidates = []
+    if recipe_path:
+        rp = Path(recipe_path).resolve().parent
+        candidates += [rp / path, rp.parent / path]
+    from llamatune.shipped import shipped_datasets_dir
+
+    shipped = shipped_datasets_dir()
+    if shipped is not None:
+        candidates.append(shipped / Path(path).name)
+    for c in candidates:
+        if c.exists():
+            return str(c.resolve())
+    return path
+
+
+def check(cfg, kind: str, command: str) -> None:
+    """The cheap checks, before the model is resolved (or converted) and anything written.
+
+    Args:
+        cfg: The recipe config.
+        kind: ``conversations``, ``pairs`` or ``prompts``.
+        command: The stage command, for messages (``llamatune rm``).
+
+    Raises:
+        UserError: The data format does not fit the stage, the template is unknown, or a
+            setting does not apply to this kind of data.
+    """
+    d = cfg.data
+    formats = KINDS[kind]
+    if d.format not in formats:
+        raise UserError(
+            f"data.format {d.format!r} does not hold {_WHAT[kind]}; {command} takes "
+            + (f"data.format={formats[0]}" if len(formats) == 1 else ", ".join(formats)) + ".")
+    get_template(d.template)
+    if kind != "conversations" and cfg.train.packing:
+        raise UserError(
+            f"train.packing=true does not apply to {command}: each sequence is scored whole. "
+            "Set train.packing=false.")
+
+
+def _records(cfg, recipe_path, kind):
+    d = cfg.data
+    path = resolve_data_path(d.path, recipe_path)
+    records = read_records(path, d.format, d.fields, d.eval_group_by)
+    if d.eval_path:
+        evals = read_records(resolve_data_path(d.eval_path, recipe_path), d.format, d.fields,
+                             d.eval_group_by, key="data.eval_path")
+        train = records
+    else:
+        train, evals = split_records(records, d.eval_split, cfg.train.seed,
+                                     group_by=bool(d.eval_group_by))
+    if d.max_samples:
+        train = train[: d.max_samples]
+    return train, evals
+
+
+def _tokenize(kind, records, tokenizer, cfg):
+    d = cfg.data
+    kw = dict(system=d.system, max_length=cfg.train.max_length,
+              cache_root=cache_dir() if d.cache else None)
+    if kind == "conversations":
+        return tokenize_conversations(records, tokenizer, d.template, truncation=d.truncation,
+                                      **kw)
+    if kind == "pairs":
+        return tokenize_preferences(records, tokenizer, d.template, **kw)
+    return tokenize_prompts(records, tokenizer, d.template, **kw)
+
+
+def prepare(cfg, tokenizer, kind: str, command: str, recipe_path: str | None = None) -> Prepared:
+    """Read, validate, split and tokenize a stage's data.
+
+    Args:
+        cfg: The recipe config (``data.*``, ``train.max_length``, ``train.seed``).
+        tokenizer: The tokenizer the model uses.
+        kind: ``conversations``, ``pairs`` or ``prompts``.
+        command: The stage command, for messages.
+        recipe_path: The recipe file (relative data paths are also tried next to it).
+
+    Returns:
+        The train and eval samples and the invariant counts of the training samples.
+
+    Raises:
+        UserError: Bad rows (file, line, field), broken invariants, or nothing to train on.
+    """
+    check(cfg, kind, command)
+    train_recs, eval_recs = _records(cfg, recipe_path, kind)
+    train, stats = _tokenize(kind, train_recs, tokenizer, cfg)
+    evals = _tokenize(kind, eval_recs, tokenizer, cfg)[0] if eval_recs else []
+    return Prepared(train, evals, stats, kind)
+
+
+def verification_samples(cfg, tokenizer, kind: str, n: int) -> tuple[list[dict], str]:
+    """Up to ``n`` ``{"input_ids", "labels"}`` samples of a run's own data, for ``merge``.
+
+    Held out where the run held any out. Pairs give their chosen side (prompt plus the
+    preferred answer, the answer supervised); prompts give the prompt itself, every next
+    token scored (there is no answer to score).
+
+    Returns:
+        ``(samples, source)``; ``source`` says where they came from.
+    """
+    train_recs, eval_recs = _records(cfg, None, kind)
+    recs, source = ((eval_recs, "eval split") if eval_recs else
+                    (train_recs, "training samples: the run held out no eval split"))
+    recs = recs[: max(n * 2, n + 4)]  # a few spare for samples dropped as too long
+    d = cfg.data
+    if kind == "conversations":
+        samples = _tokenize(kind, recs, tokenizer, cfg)[0]
+    elif kind == "pairs":
+        convs = [dict(r, messages=r["prompt"] + r["chosen"]) for r in recs]
+        samples = tokenize_conversations(convs, tokenizer, d.template, system=d.system,
+                                         max_length=cfg.train.max_length)[0]
+    else:
+        samples = []
+        for r in recs:
+            ids = render(tokenizer, d.template, r["messages"], system=d.system,
+                         add_generation_prompt=True).input_ids[: cfg.train.max_length]
+            samples.append({"input_ids": ids, "labels": [-100] + ids[1:]})
+    return samples[:n], source

@@ -1,0 +1,196 @@
+"""The one module every loss, log-probability and score goes through.
+
+:class:`Net` holds the (peft-wrapped) causal LM and its scalar heads, and its ``forward``
+does the work a stage asks for by name, so that a wrapper such as accelerate's DDP sees
+every forward pass:
+
+* ``lm_loss``: summed next-token cross-entropy over supervised positions, and their count;
+* ``logprobs``: per-token log-probabilities of the supervised tokens (temperature applied),
+  their per-sequence sums and counts, optionally entropies;
+* ``score``: a scalar head read at each row's last real token (a reward);
+* ``values``: a scalar head at every position (PPO's value function).
+
+The output head runs only on the positions asked for, chunk by chunk
+(:mod:`llamatune._head_loss`), so no ``[tokens, vocab]`` tensor outlives its chunk.
+``adapter=`` runs one call with another adapter active (a frozen reference copy, a reward
+adapter) or with none (``"base"``), and restores the trainable one afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["BASE", "Net", "lm_loss_sum", "position_ids", "sequence_scores"]
+
+BASE = "base"
+"""``adapter=BASE`` runs the bare base model (every adapter disabled)."""
+
+
+def position_ids(attention_mask):
+    """Positions counted over real tokens, so left- and right-padded rows score alike."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Net(torch.nn.Module):
+    """A causal LM (bare or with peft adapters) plus named scalar heads.
+
+    Args:
+        model: The ``transformers`` causal LM, optionally wrapped by peft.
+        heads: Head name to ``ScalarHead`` (see :func:`llamatune.model.add_head`).
+        chunked_head: Compute the head and loss chunk by chunk (``model.fused``); ``False``
+            applies the head to the supervised positions in one go, as transformers would.
+    """
+
+    def __init__(self, model, heads: dict | None = None, chunked_head: bool = True):
+        super().__init__()
+        self.model = model
+        self.heads = torch.nn.ModuleDict(heads or {})
+        self.chunked_head = chunked_head
+
+    # -- what the ops share ------------------------------------------------------------------
+    @property
+    def inner(self):
+        """The ``transformers`` model under peft (LoRA layers injected)."""
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def _hidden(self, batch: dict):
+        inner = self.inner
+        backbone = getattr(inner, inner.base_model_prefix)
+        kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
+        if "attention_mask" in batch:
+            # 0/1 as integers: a float mask would read as additive to transformers.
+            kwargs["attention_mask"] = batch["attention_mask"].long()
+        if "position_ids" in batch:
+            kwargs["position_ids"] = batch["position_ids"]
+        elif "attention_mask" in batch:
+            kwargs["position_ids"] = position_ids(batch["attention_mask"])
+        return backbone(**kwargs).last_hidden_state
+
+    @contextlib.contextmanager
+    def using(self, adapter: str | None):
+        """Run with adapter ``adapter`` active (``BASE``: none), then restore the active one."""
+        m = self.model
+        if adapter is None or not hasattr(m, "peft_config"):
+            yield
+            return
+        if adapter == BASE:
+            with m.disable_adapter():
+                yield
+            return
+        before = m.active_adapter
+        if adapter == before:
+            yield
+            return
+        trains = any(p.requires_grad for n, p in m.named_parameters() if f".{before}." in n)
+        m.set_adapter(adapter, inference_mode=True)
+        try:
+            yield
+        finally:
+            m.set_adapter(before, inference_mode=not trains)
+
+    # -- the ops -----------------------------------------------------------------------------
+    def forward(self, op: str, batch: dict, *, adapter: str | None = None, head: str = "score",
+                temperature: float = 1.0, entropy: bool = False):
+        """Run one named op (see the module docstring); ``adapter`` picks the weights."""
+        with self.using(adapter):
+            if op == "lm_loss":
+                return self._lm_loss(batch)
+            if op == "logprobs":
+                return self._logprobs(batch, temperature, entropy)
+            if op == "score":
+                return self._score(batch, head)
+            if op == "values":
+                return self.heads[head](self._hidden(batch))
+        raise ValueError(f"unknown op {op!r}")
+
+    def _lm_loss(self, batch):
+        import torch.nn.functional as F
+
+        hidden = self._hidden(batch)
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        h = hidden[:, :-1][mask]
+        out = self.inner.get_output_embeddings()
+        if self.chunked_head and type(out) is torch.nn.Linear and out.bias is None:
+            from llamatune._head_loss import head_cross_entropy_sum
+
+            loss = head_cross_entropy_sum(h, out.weight, labels[mask])
+        else:
+            loss = F.cross_entropy(out(h).float(), labels[mask], reduction="sum")
+        return loss, mask.sum()
+
+    def _logprobs(self, batch, temperature, entropy):
+        hidden = self._hidden(batch)
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        h = hidden[:, :-1][mask]
+        out = self.inner.get_output_embeddings()
+        if type(out) is torch.nn.Linear and out.bias is None:
+            from llamatune._head_loss import head_logprobs
+
+            res = head_logprobs(h, out.weight, labels[mask], temperature, entropy)
+            logp, ent = res if entropy else (res, None)
+        else:
+            logits = out(h).float() / temperature
+            logsm = torch.log_softmax(logits, dim=-1)
+            logp = logsm.gather(1, labels[mask][:, None]).squeeze(1)
+            ent = -(logsm.exp() * logsm).sum(-1).detach() if entropy else None
+        rows = mask.nonzero()[:, 0]
+        n = labels.shape[0]
+        seq = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+        out = {"logp": logp, "seq": seq, "count": mask.sum(-1), "mask": mask}
+        if ent is not None:
+            out["entropy"] = ent
+        return out
+
+    def _score(self, batch, head):
+        mask = batch["attention_mask"].long()
+        hidden = self._hidden(batch)
+        steps = torch.arange(mask.shape[1], device=mask.device)
+        last = (steps * mask).argmax(-1)
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.heads[head](h).float()
+
+
+def _as_net(model):
+    return model if isinstance(model, Net) else Net(model)
+
+
+def lm_loss_sum(model, batch: dict, fused: bool | None = None):
+    """Summed next-token cross-entropy over supervised positions, and their count.
+
+    Args:
+        model: A :class:`Net`, or a causal LM (bare or peft) to run as one.
+        batch: ``input_ids``, ``labels`` (``-100`` where unsupervised) and optionally
+            ``attention_mask`` / ``position_ids``.
+        fused: Override the net's chunked head (``None`` keeps it).
+
+    Returns:
+        ``(loss_sum, n_supervised)`` as tensors.
+    """
+    net = _as_net(model)
+    if fused is None or fused == net.chunked_head:
+        return net("lm_loss", batch)
+    old, net.chunked_head = net.chunked_head, fused
+    try:
+        return net("lm_loss", batch)
+    finally:
+        net.chunked_head = old
+
+
+def sequence_scores(net: Net, input_ids, attention_mask, head: str = "score",
+                    adapter: str | None = None):
+    """One scalar per row from head ``head``, read at the row's last real token.
+
+    The last real token is the rightmost position where ``attention_mask`` is 1, so left and
+    right padding both work and the pad id is never consulted; positions count real tokens
+    only, so a padded row scores exactly as it would alone.
+
+    Returns:
+        A float32 tensor of shape ``(batch,)``.
+    """
+    return net("score", {"input_ids": input_ids, "attention_mask": attention_mask}, head=head,
+               adapter=adapter)

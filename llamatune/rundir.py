@@ -1,0 +1,276 @@
+"""Run directories: how stages write them and how every command reads them back.
+
+A finished run directory describes itself (DESIGN.md):
+
+```
+OUTPUT_DIR/
+  config.yaml                resolved config, paths absolute, ``stage`` filled in
+  metrics.jsonl              one JSON object per logged step
+  adapter_model.safetensors  + adapter_config.json: the trainable adapter, as peft's default
+  score_head.safetensors     a reward model's head (value_head... for PPO), when the stage has one
+  tokenizer files + chat_template.jinja
+  checkpoint-STEP/           complete checkpoints only (written to a temp name, then renamed)
+```
+
+The top-level adapter always applies to the base alone (stages that start from another
+run train a copy of its adapter), so ``merge``, ``export`` and ``generate`` treat every
+stage's run alike. What a run cannot live without is copied in (for example the starting
+adapter a DPO run's reference needs to resume), and the paths its config stores are
+absolute, so commands work from any working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamatune.config import Config, ConfigError, load_config, save_config
+from llamatune.errors import UserError
+
+__all__ = [
+    "ADAPTER_FILES",
+    "Run",
+    "absolute_config",
+    "adapter_dir",
+    "checkpoints",
+    "create_output_dir",
+    "head_file",
+    "is_finished",
+    "keep_copy",
+    "latest_checkpoint",
+    "prepare_output_dir",
+    "write_final",
+    "write_run_files",
+]
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def head_file(name: str) -> str:
+    """The file a run keeps head ``name`` in (``score_head.safetensors``, ``value_head...``)."""
+    return f"{name}_head.safetensors"
+
+_FINISHED_MARKERS = ("adapter_model.safetensors", "model.safetensors")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The complete ``checkpoint-STEP`` folders (those with ``trainer_state.json``), oldest first."""
+    out = []
+    for p in Path(run_dir).glob("checkpoint-*"):
+        tail = p.name.split("-", 1)[1]
+        if tail.isdigit() and (p / "trainer_state.json").is_file():
+            out.append(p)
+    return sorted(out, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or ``None``."""
+    ckpts = checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether a stage finished writing this run (config plus final weights)."""
+    p = Path(run_dir)
+    return (p / "config.yaml").is_file() and any((p / m).is_file() for m in _FINISHED_MARKERS)
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    """Check ``output_dir`` can be written and holds no run we would silently clobber.
+
+    Creates nothing; call :func:`create_output_dir` once the inputs are validated.
+
+    Raises:
+        UserError: Not writable, or a finished run / checkpoints exist and neither
+            ``resume`` nor ``overwrite`` is set.
+    """
+    out = Path(cfg.output_dir).expanduser()
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "is not a folder" if probe.exists() and not probe.is_dir() else "is not writable"
+        raise UserError(
+            f"output_dir {cfg.output_dir} cannot be created: {probe} {why}; choose another "
+            "folder with output_dir=PATH."
+        )
+    has_ckpt = bool(checkpoints(out)) if out.is_dir() else False
+    finished = any((out / m).exists() for m in _FINISHED_MARKERS)
+    if cfg.resume:
+        if not has_ckpt:
+            raise UserError(
+                f"resume=true but output_dir {cfg.output_dir} has no complete checkpoint-STEP "
+                "folder; set train.save_every to write checkpoints, or drop resume=true."
+            )
+    elif (has_ckpt or finished) and not cfg.overwrite:
+        raise UserError(
+            f"output_dir {cfg.output_dir} already holds a run. Continue it with resume=true, "
+            "replace it with overwrite=true, or pick another output_dir."
+        )
+    return out
+
+
+def create_output_dir(cfg: Config, out: Path) -> None:
+    """Create the run directory (clearing an old run when ``overwrite`` is set).
+
+    Raises:
+        UserError: The folder cannot be created.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"output_dir {cfg.output_dir} cannot be created ({e.strerror}).") from None
+    if cfg.overwrite and not cfg.resume:
+        for p in out.glob("checkpoint-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        for name in ("metrics.jsonl", *_FINISHED_MARKERS):
+            (out / name).unlink(missing_ok=True)
+        for f in out.glob(head_file("*")):
+            f.unlink()
+
+
+def _absolute(path: str | None) -> str | None:
+    if not path:
+        return path
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+def absolute_config(cfg: Config, recipe_path: str | None = None) -> Config:
+    """The config with every path that exists made absolute (data files found as training does).
+
+    Built-in model names and hub ids stay as they are.
+    """
+    from llamatune.data.prepare import resolve_data_path
+
+    d = cfg.data
+    data = dataclasses.replace(
+        d, path=resolve_data_path(d.path, recipe_path) if d.path else d.path,
+        eval_path=resolve_data_path(d.eval_path, recipe_path) if d.eval_path else None)
+    m = cfg.model
+    model = dataclasses.replace(m, path=_absolute(m.path), tokenizer=_absolute(m.tokenizer),
+                                adapter=_absolute(m.adapter))
+    return dataclasses.replace(cfg, data=data, model=model,
+                               output_dir=str(Path(cfg.output_dir).expanduser().resolve()))
+
+
+def write_run_files(run_dir: Path, cfg: Config, tokenizer) -> None:
+    """Resolved config plus tokenizer with the run's chat template: the folder describes itself."""
+    from llamatune.data.templates import to_jinja
+
+    save_config(cfg, run_dir / "config.yaml")
+    tokenizer.chat_template = to_jinja(tokenizer, cfg.data.template, cfg.data.system)
+    tokenizer.save_pretrained(str(run_dir))
+
+
+def write_final(run_dir: Path, write) -> None:
+    """Write the final weights through a temporary folder, then move them in place.
+
+    Args:
+        run_dir: The run directory.
+        write: ``callable(folder)`` that writes the files (adapter, heads, ...).
+    """
+    tmp = run_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, run_dir / f.name)
+    tmp.rmdir()
+
+
+def keep_copy(run_dir: Path, src: str, name: str, files=ADAPTER_FILES) -> Path:
+    """Copy what the run needs from ``src`` into ``run_dir/name`` (atomically); return it.
+
+    A copy already there (a resumed run) is kept, even if ``src`` has moved since.
+    """
+    dest = run_dir / name
+    if Path(src).resolve() == dest.resolve() or (dest / files[0]).is_file():
+        return dest
+    tmp = run_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f in files:
+        if (Path(src) / f).is_file():
+            shutil.copy2(Path(src) / f, tmp / f)
+    os.replace(tmp, dest)
+    return dest
+
+
+def adapter_dir(path: str, key: str = "model.adapter") -> str:
+    """A run directory or adapter folder holding ``adapter_config.json``, as an absolute path.
+
+    Raises:
+        UserError: No adapter there.
+    """
+    p = Path(path).expanduser()
+    if (p / "adapter_config.json").is_file():
+        return str(p.resolve())
+    raise UserError(
+        f"{key} {path}: no adapter_config.json there; point it at a finished llamatune run "
+        "directory (or a peft adapter folder)."
+    )
+
+
+@dataclass
+class Run:
+    """A finished run directory, read back."""
+
+    path: Path
+    cfg: Config
+    stage: str
+
+    @classmethod
+    def open(cls, path: str, stages: tuple[str, ...] | None = None, use: str = "") -> Run:
+        """Read a finished run; ``stages`` limits which stages' runs are accepted.
+
+        Args:
+            path: The run directory.
+            stages: Accepted stages (``None``: any).
+            use: What the caller does with it, for messages ("merge", "generate").
+
+        Raises:
+            UserError: Not a finished run, an invalid config, or a stage not accepted.
+        """
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise UserError(f"{path} is not a folder; give the run directory a training stage "
+                            "wrote (its output_dir).")
+        if not is_finished(p):
+            missing = [f for f in ("config.yaml", *ADAPTER_FILES) if not (p / f).is_file()]
+            raise UserError(
+                f"{path} is not a finished llamatune run directory: {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} missing. Point it at the output_dir of "
+                "a completed stage (a run still training has no final adapter yet).")
+        try:
+            cfg = load_config(p / "config.yaml")
+        except ConfigError as e:
+            raise UserError(f"{p}/config.yaml is not a valid run config: {e}") from None
+        stage = cfg.stage or _older_run_stage(p)
+        if stages is not None and stage not in stages:
+            raise UserError(f"{path} is a `{stage}` run; {use or 'this command'} takes runs of "
+                            f"{', '.join(stages)}.")
+        return cls(p.resolve(), cfg, stage)
+
+    @property
+    def has_adapter(self) -> bool:
+        """Whether the run holds an adapter (else a full fine-tune's ``model.safetensors``)."""
+        return (self.path / "adapter_config.json").is_file()
+
+    def head(self, name: str) -> Path | None:
+        """The file of head ``name`` (``score``, ``value``), if the run has it."""
+        f = self.path / head_file(name)
+        return f if f.is_file() else None
+
+
+def _older_run_stage(p: Path) -> str:
+    """Runs written before ``stage`` was recorded: a sequence-classification adapter was an RM."""
+    try:
+        task = json.loads((p / "adapter_config.json").read_text()).get("task_type")
+    except (OSError, ValueError, AttributeError):
+        return "sft"
+    return "rm" if task == "SEQ_CLS" else "sft"
