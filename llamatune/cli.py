@@ -19,10 +19,10 @@ __all__ = ["main"]
 _TRAIN_STAGES = {
     "sft": ("llamatune.recipes.sft", "supervised fine-tuning on conversations"),
     "rm": ("llamatune.recipes.reward", "reward model on preference pairs"),
+    "dpo": ("llamatune.recipes.dpo", "DPO on preference pairs (the offline alternative to RM+PPO)"),
 }
 _PLANNED = {
     "ppo": "PPO against a reward model",
-    "dpo": "DPO on preference pairs",
     "pipeline": "SFT -> RM -> PPO in one command",
 }
 
@@ -261,7 +261,7 @@ def _cmd_estimate(args) -> int:
 def _cmd_planned(args) -> int:
     raise UserError(
         f"`llamatune {args.command}` ({_PLANNED[args.command]}) is not available in this "
-        f"version ({__version__}); sft and rm are."
+        f"version ({__version__}); {', '.join(_TRAIN_STAGES)} are."
     )
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "STAGES",
     "Config",
     "ConfigError",
+    "DPOConfig",
     "DataConfig",
     "LoraConfig",
     "ModelConfig",
@@ -261,6 +262,37 @@ class RewardConfig:
         return [] if self.center_coef >= 0 else [("reward.center_coef", "must be >= 0")]
 
 
+@dataclass
+class DPOConfig:
+    """Direct preference optimization settings (``llamatune dpo``)."""
+
+    beta: float = 0.1
+    """Strength of the pull towards the reference: the implicit reward is
+    ``beta * (log p_policy - log p_ref)``."""
+    loss: str = field(default="sigmoid", metadata=_choice("sigmoid", "ipo", "hinge"))
+    """``sigmoid`` (DPO), ``ipo`` (squared, on per-token averaged log-ratios), ``hinge`` (SLiC)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the probability that a pair's label is flipped (``sigmoid`` only)."""
+    precompute_ref: bool = False
+    """Compute the reference log-probs once before training instead of at every step."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Cross-field checks.
+
+        Returns:
+            ``(key, message)`` pairs, empty when the section is valid.
+        """
+        out = []
+        if self.beta <= 0:
+            out.append(("dpo.beta", f"must be > 0, got {self.beta}"))
+        if not 0.0 <= self.label_smoothing < 0.5:
+            out.append(("dpo.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}"))
+        if self.label_smoothing and self.loss != "sigmoid":
+            out.append(("dpo.label_smoothing", f"applies to dpo.loss=sigmoid only, not "
+                        f"{self.loss}"))
+        return out
+
+
 STAGES = ("sft", "rm", "dpo", "ppo", "pipeline")
 """The stage commands a recipe can name in its ``stage:`` key."""
 
@@ -277,6 +309,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     output_dir: str = "runs/default"
     """The run directory."""
     resume: bool = False
@@ -294,7 +327,7 @@ class Config:
             ``(key, message)`` pairs, empty when the config is valid.
         """
         out = []
-        for sec in (self.model, self.lora, self.data, self.train, self.reward):
+        for sec in (self.model, self.lora, self.data, self.train, self.reward, self.dpo):
             out.extend(sec.problems())
         if not self.output_dir:
             out.append(("output_dir", "must not be empty"))

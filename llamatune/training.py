@@ -196,9 +196,12 @@ def pair_batches(samples: list[dict], tcfg: TrainConfig, epoch: int, pad_id: int
 
     Returns:
         Dicts with ``input_ids``, ``labels`` (the answers supervised), ``attention_mask``
-        (right padding) and ``n_real``; rows ``i`` and ``i + n`` of a batch of ``2n`` rows are
-        the two sides of one pair.
+        (right padding), ``n_real`` and, where the samples carry them, ``ref_logp`` (the
+        reference log-probs, chosen first); rows ``i`` and ``i + n`` of a batch of ``2n``
+        rows are the two sides of one pair.
     """
+    import torch
+
     from llamatune.data.collate import pad_batch
 
     lengths = [max(len(s["chosen_ids"]), len(s["rejected_ids"])) for s in samples]
@@ -209,7 +212,11 @@ def pair_batches(samples: list[dict], tcfg: TrainConfig, epoch: int, pad_id: int
         for row, (side, i) in zip(rows, [(side, i) for side in ("chosen", "rejected") for i in g]):
             if f"{side}_labels" in samples[i]:
                 row["labels"] = samples[i][f"{side}_labels"]
-        out.append(pad_batch(rows, pad_id))
+        batch = pad_batch(rows, pad_id)
+        if "ref_logp" in samples[g[0]]:  # precomputed reference log-probs (DPO)
+            batch["ref_logp"] = torch.tensor([samples[i]["ref_logp"][k] for k in (0, 1)
+                                              for i in g], dtype=torch.float64)
+        out.append(batch)
     return out
 
 

@@ -37,6 +37,7 @@ def _stage_recipe(stage, root, model_dir, alpaca_file):
     if stage == "sft":
         return make_recipe(root, model_dir, alpaca_file, **common)
     sections = _cfg_sections(**common)
+    sections["stage"] = stage  # rm or dpo: both train on preference pairs
     root.mkdir(parents=True, exist_ok=True)
     return make_recipe(root, model_dir, write_jsonl(root / "pref.jsonl", _pairs()), **sections)
 
@@ -60,7 +61,7 @@ def _kill_at_random_moment(argv, run, seed):
     return after
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
 def test_kill_9_then_resume_gives_every_loss_row_of_an_uninterrupted_run(
         stage, tmp_path, tiny_model_dir, alpaca_file):
     straight = _stage_recipe(stage, tmp_path / "straight", tiny_model_dir, alpaca_file)

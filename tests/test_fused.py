@@ -240,3 +240,29 @@ def test_optimizer_state_made_up_front_trains_identically():
 
     for a, b in zip(run(True), run(False), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+def test_every_stage_trains_on_the_lean_kernels(stage, tmp_path, tiny_model_dir, alpaca_file):
+    """Installed after every adapter exists: all LoRA layers of every stage are switched."""
+    from conftest import make_recipe, write_jsonl
+    from peft.tuners.lora import LoraLayer
+    from test_reward import _cfg_sections, _pairs
+
+    from llamatune.config import load_config
+    from llamatune.fused import is_fused
+    from llamatune.recipes import dpo, reward, sft
+
+    if stage == "sft":
+        path = make_recipe(tmp_path, tiny_model_dir, alpaca_file)
+    else:
+        tmp_path.mkdir(exist_ok=True)
+        sections = dict(_cfg_sections(), stage=stage)
+        path = make_recipe(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "p.jsonl", _pairs()),
+                           **sections)
+    cls = {"sft": sft.SFTRecipe, "rm": reward.RewardRecipe, "dpo": dpo.DPORecipe}[stage]
+    r = cls(load_config(path), str(path))
+    r.setup()
+    layers = [m for m in r.net.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 2 * 7 and is_fused(r.net.model)
+    assert all("_llamatune_original_forward" in vars(m) for m in layers)

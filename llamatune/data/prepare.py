@@ -62,7 +62,7 @@ class Prepared:
                     f"{s.bos_ok}/{s.samples}; dropped {s.dropped_too_long} too long for "
                     f"train.max_length; eval {len(self.eval)} prompts")
         unit = "pairs" if self.kind == "pairs" else "samples"
-        return f"{self.stats.summary()}; eval {len(self.eval)} {unit}"
+        return f"{self.stats.summary(unit)}; eval {len(self.eval)} {unit}"
 
 
 def resolve_data_path(path: str, recipe_path: str | None) -> str:

@@ -28,7 +28,7 @@ from llamatune.errors import UserError
 __all__ = ["Stats", "tokenize_conversations", "tokenize_preferences", "tokenize_prompts",
            "tokenizer_fingerprint"]
 
-_CACHE_VERSION = "3"
+_CACHE_VERSION = "4"
 
 
 @dataclass
@@ -46,10 +46,10 @@ class Stats:
     supervised: int = 0
     problems: list[str] = field(default_factory=list)
 
-    def summary(self) -> str:
-        """One line for the console."""
+    def summary(self, unit: str = "samples") -> str:
+        """One line for the console (``unit``: what a sample is, ``samples`` or ``pairs``)."""
         return (
-            f"{self.samples}/{self.records} samples, {self.tokens:,} tokens "
+            f"{self.samples}/{self.records} {unit}, {self.tokens:,} tokens "
             f"({self.supervised:,} supervised); BOS ok {self.bos_ok}/{self.samples}, "
             f"end token supervised {self.end_ok}/{self.samples - self.truncated}; "
             f"truncated {self.truncated}, dropped {self.dropped_too_long} too long + "
@@ -227,6 +227,7 @@ def tokenize_preferences(
         stats.bos_ok += all(ok[0] for ok in oks)
         stats.end_ok += all(ok[1] for ok in oks)
         stats.tokens += len(sides[0].input_ids) + len(sides[1].input_ids)
+        stats.supervised += sum(t != -100 for r in sides for t in r.labels)
     _finish(stats, "data.path")
     _save_cache(path, samples, stats)
     return samples, stats

@@ -1,0 +1,218 @@
+"""Direct preference optimization: ``llamatune dpo RECIPE``.
+
+The offline alternative to RM + PPO (Rafailov et al., 2023). Reads top to bottom: ``setup``
+checks everything cheap and tokenizes the pairs (the shared :func:`~llamatune.training.start`),
+loads one base with two adapters: the **policy** (a trainable copy of the SFT run's adapter
+named by ``model.adapter``, or a new LoRA) and the **reference**, the starting model itself:
+a frozen copy of that same adapter, or the bare base when there is none (disabling the
+policy's adapter would give the base, not the SFT model). The shared
+:class:`~llamatune.training.Loop` trains the policy; ``cleanup`` writes it as the run's
+adapter (peft's default, applying to the base alone).
+
+Per pair, with ``s = log p(answer | prompt)`` summed over the answer's tokens and its end
+token, and ``delta = (s_policy(chosen) - s_ref(chosen)) - (s_policy(rejected) -
+s_ref(rejected))``:
+
+* ``sigmoid``: ``-log sigmoid(beta * delta)``; with ``dpo.label_smoothing = e`` (conservative
+  DPO) ``-(1 - e) log sigmoid(beta * delta) - e log sigmoid(-beta * delta)``;
+* ``ipo``: ``(delta' - 1 / (2 beta))**2`` with the log-ratios averaged per answer token;
+* ``hinge``: ``max(0, 1 - beta * delta)``.
+
+The implicit rewards ``beta * (s_policy - s_ref)`` of both answers are logged, with their
+margin and how often the chosen one is higher. ``dpo.precompute_ref`` computes the
+reference log-probs once before training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llamatune import training
+from llamatune.config import Config
+from llamatune.errors import UserError
+
+__all__ = ["DPORecipe", "dpo_loss", "main"]
+
+REFERENCE_DIR = "reference_adapter"
+"""Where a DPO run keeps the copy of the starting adapter its reference needs (to resume)."""
+
+
+def dpo_loss(policy, reference, counts, beta: float, loss: str, label_smoothing: float = 0.0):
+    """Summed DPO loss of a batch of pairs, and the figures logged for it (summed over pairs).
+
+    Args:
+        policy: ``[2n]`` policy log-probs of the answers, chosen rows first.
+        reference: ``[2n]`` reference log-probs of the same answers.
+        counts: ``[2n]`` answer tokens per row (IPO averages per token).
+        beta: ``dpo.beta``.
+        loss: ``sigmoid``, ``ipo`` or ``hinge``.
+        label_smoothing: Conservative DPO's flip probability (``sigmoid``).
+
+    Returns:
+        ``(loss_sum, figures)``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n = policy.shape[0] // 2
+    ratios = policy - reference
+    delta = ratios[:n] - ratios[n:]
+    if loss == "sigmoid":
+        per = -F.logsigmoid(beta * delta)
+        if label_smoothing:
+            per = per * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
+    elif loss == "ipo":
+        avg = ratios / counts.clamp(min=1).to(ratios.dtype)
+        per = (avg[:n] - avg[n:] - 1 / (2 * beta)) ** 2
+    elif loss == "hinge":
+        per = torch.relu(1 - beta * delta)
+    else:
+        raise ValueError(f"unknown dpo.loss {loss!r}")
+    rewards = beta * ratios.detach()
+    chosen, rejected = rewards[:n], rewards[n:]
+    figures = {"rewards_chosen": float(chosen.sum()), "rewards_rejected": float(rejected.sum()),
+               "reward_margin": float((chosen - rejected).sum()),
+               "reward_accuracy": float((chosen > rejected).sum()),
+               "logps_chosen": float(policy[:n].detach().sum()),
+               "logps_rejected": float(policy[n:].detach().sum())}
+    return per.sum(), figures
+
+
+def _start_adapter(cfg: Config) -> str | None:
+    """The SFT run to start from, checked before anything is written (``None``: the base)."""
+    if cfg.model.adapter is None:
+        return None
+    kept = Path(cfg.output_dir).expanduser() / REFERENCE_DIR
+    if cfg.resume and (kept / "adapter_config.json").is_file():
+        return str(kept)  # the copy this run made, even if the SFT run has moved since
+    from llamatune.rundir import Run, adapter_dir, is_finished
+
+    folder = adapter_dir(cfg.model.adapter)
+    if is_finished(folder) and Run.open(folder).stage == "rm":
+        raise UserError(f"model.adapter {cfg.model.adapter} is a reward model; llamatune dpo "
+                        "starts from an SFT run (or the base, with model.adapter unset).")
+    return folder
+
+
+class DPORecipe:
+    """DPO of a LoRA policy against its starting model, on preference pairs."""
+
+    name = "dpo"
+
+    def __init__(self, cfg: Config, recipe_path: str | None = None):
+        self.cfg = cfg
+        self.recipe_path = recipe_path
+
+    def setup(self) -> None:
+        """Validate inputs, tokenize, load policy and reference on one base, resume if asked."""
+        from llamatune import model as loader
+        from llamatune.net import BASE
+        from llamatune.rundir import keep_copy
+
+        cfg = self.cfg
+        start = _start_adapter(cfg)
+        begun = training.start(cfg, "pairs", "llamatune dpo", self.recipe_path)
+        self.run_dir, data = begun.run_dir, begun.data
+        self.train_samples, self.eval_samples = data.train, data.eval
+        self.loaded = loader.load_base(cfg.model, trainable=True, seed=cfg.train.seed)
+        if start is not None:
+            start = str(keep_copy(self.run_dir, start, REFERENCE_DIR))
+            loader.add_adapter(self.loaded, "policy", source=start, dropout=cfg.lora.dropout)
+            loader.add_adapter(self.loaded, "reference", source=start, trainable=False,
+                               dropout=0.0)
+            self.reference = "reference"
+        else:
+            loader.add_adapter(self.loaded, "policy", lcfg=cfg.lora)
+            self.reference = BASE
+        self.net = loader.finish(self.loaded)
+        self.tokenizer, self.device = self.loaded.tokenizer, self.loaded.device
+        self.pad_id = self.tokenizer.pad_token_id
+        if cfg.dpo.precompute_ref:
+            self._precompute_reference()
+        self.loop = training.Loop(cfg, self, self.loaded, begun, has_eval=bool(self.eval_samples))
+        ref = f" (reference: the SFT adapter {cfg.model.adapter}, frozen)" if start else \
+            " (reference: the base)"
+        print(loader.model_line(cfg.model.path, self.loaded, ref), flush=True)
+
+    def _precompute_reference(self) -> None:
+        """Score every pair once with the reference; batches then carry ``ref_logp``."""
+        import torch
+
+        self.net.eval()
+        with torch.no_grad():
+            for samples in (self.train_samples, self.eval_samples):
+                for i in range(0, len(samples), self.cfg.train.batch_size):
+                    part = samples[i : i + self.cfg.train.batch_size]
+                    b = training.pair_batches(part, self.cfg.train, 0, self.pad_id, shuffle=False)
+                    seq = self._logprobs(b[0], self.reference)["seq"].tolist()
+                    for k, s in enumerate(part):
+                        s["ref_logp"] = [seq[k], seq[len(part) + k]]
+        self.net.train()
+
+    # -- what the shared loop asks of this stage --------------------------------------------
+    def batches(self, epoch: int) -> list[dict]:
+        """The epoch's micro-batches: both sides of each pair, chosen rows first."""
+        return training.pair_batches(self.train_samples, self.cfg.train, epoch, self.pad_id)
+
+    def count(self, batch: dict) -> int:
+        """Pairs."""
+        return batch["input_ids"].shape[0] // 2
+
+    def _logprobs(self, batch: dict, adapter: str | None = None) -> dict:
+        b = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
+        return self.net("logprobs", b, adapter=adapter)
+
+    def loss(self, batch: dict):
+        """Summed DPO loss of the micro-batch's pairs, and the implicit-reward figures."""
+        import torch
+
+        d = self.cfg.dpo
+        policy = self._logprobs(batch)
+        if "ref_logp" in batch:
+            reference = batch["ref_logp"].to(policy["seq"])
+        else:
+            with torch.no_grad():
+                reference = self._logprobs(batch, self.reference)["seq"]
+        return dpo_loss(policy["seq"], reference, policy["count"], d.beta, d.loss,
+                        d.label_smoothing)
+
+    def evaluate(self) -> dict:
+        """The loss and implicit-reward figures over the held-out pairs (per pair)."""
+        sums, pairs = {}, 0
+        for batch in training.pair_batches(self.eval_samples, self.cfg.train, 0, self.pad_id,
+                                           shuffle=False):
+            loss, figures = self.loss(batch)
+            for k, v in {"loss": loss.item(), **figures}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            pairs += self.count(batch)
+        return {f"eval_{k}": v / max(pairs, 1) for k, v in sums.items()}
+
+    # -- the stage interface ------------------------------------------------------------------
+    def train(self) -> None:
+        """Run the optimizer steps (the shared loop)."""
+        self.loop.run()
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-STEP/`` (policy adapter, optimizer, scheduler, RNG, position)."""
+        return self.loop.save_checkpoint()
+
+    def cleanup(self) -> None:
+        """Write the policy as the run's adapter beside the config, tokenizer and template."""
+        from llamatune.model import save_trainable
+        from llamatune.rundir import write_final
+
+        write_final(self.run_dir, lambda folder: save_trainable(self.loaded, folder))
+        print(f"saved the DPO policy adapter, tokenizer and config to {self.run_dir}", flush=True)
+
+
+def main(cfg: Config, recipe_path: str | None = None) -> int:
+    """Run the whole stage.
+
+    Returns:
+        The process exit code.
+    """
+    recipe = DPORecipe(cfg, recipe_path)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+    return 0
