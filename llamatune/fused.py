@@ -19,13 +19,21 @@ temporaries a step makes. Where the stock modules keep or make more than they ne
 * **SwiGLU.** ``act(gate(x)) * up(x)`` keeps ``gate``, ``silu(gate)``, ``up`` and the product;
   :class:`_SwiGLU` keeps ``gate`` and ``up``, and what ``down_proj`` would keep of the product
   is rebuilt from them in the backward pass.
-* **Norm outputs.** The projections after each RMSNorm keep its output; the norm keeps its
-  input anyway, so the output is rebuilt from it in the backward pass.
-* **Grouped-query attention on CPU.** transformers repeats key/value heads when there is a
-  padding mask and SDPA keeps the copies; torch's CPU flash kernel takes ``enable_gqa`` with a
-  mask, so the repeat is skipped there. This goes through transformers' own extension point:
-  an attention function registered with ``AttentionInterface`` (:func:`_cpu_gqa_sdpa`) and
-  selected with ``set_attn_implementation``.
+* **Norms.** The projections after each RMSNorm keep its output; the norm keeps its input
+  anyway, so the output is rebuilt from it in the backward pass. And transformers' RMSNorm
+  keeps a float32 copy of a bf16 input; :class:`_RMSNorm` keeps the input and the per-row
+  ``rsqrt`` only (same values).
+* **LoRA on a bf16 base.** The rank-r matmuls compute in bf16 against the float32 master
+  weights, as autocast would, instead of copying every adapted layer's input to float32.
+* **Attention on CPU.** transformers repeats key/value heads when there is a padding mask
+  and SDPA keeps the copies; torch's CPU flash kernel takes ``enable_gqa`` with a mask, so the
+  repeat is skipped. And torch's CPU flash kernel is slower in bf16 than in fp32 on short
+  sequences (measured on a 2-core AVX512-BF16 EPYC, 9 query / 3 key-value heads of 64,
+  forward + backward: 11.1 vs 4.1 ms at batch 16 x 54 tokens, 26.4 vs 15.3 at 16 x 128, equal
+  at 8 x 256, and bf16 ahead from 512), so a bf16 model's attention over at most
+  :data:`FP32_ATTENTION_MAX` keys computes in fp32 there (more precise, too). Both go through
+  transformers' own extension point: an attention function registered with
+  ``AttentionInterface`` (:func:`_cpu_sdpa`) and selected with ``set_attn_implementation``.
 
 All of it is exact: same forward values, same gradients (to rounding), same matmul FLOPs
 (a few elementwise passes are redone in the backward pass); only the dropout random stream
@@ -52,7 +60,9 @@ import torch
 __all__ = ["TESTED", "install", "is_fused", "keep_mask", "lora_branch", "swiglu"]
 
 _LEVELS = 1 << 16  # CPU mask resolution: p is rounded to a multiple of 1/65536
-_ATTENTION = "llamatune_cpu_gqa_sdpa"
+_ATTENTION = "llamatune_cpu_sdpa"
+FP32_ATTENTION_MAX = 256
+"""Longest key length at which a bf16 model's CPU attention computes in fp32 (see above)."""
 
 TESTED = {"peft": ("0.21", "0.22"), "transformers": ("5.20", "5.25")}
 """Library versions (``[low, high)``) whose module forwards the kernels were written and tested
@@ -86,17 +96,25 @@ def keep_mask(x: torch.Tensor, p: float, seed: int | None = None) -> tuple[torch
     return keep, _LEVELS / (_LEVELS - drop)
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 class _LoraBranch(torch.autograd.Function):
     """``base + (dropout(x) @ A.T) @ B.T * s``, saving ``x`` and ``x @ A.T`` only.
 
-    ``base`` (the frozen layer's output, which autograd does not keep) is updated in place with
-    one ``addmm_``, so the LoRA update never exists as a tensor of its own. The dropout mask
-    is drawn from a private generator with a seed taken from torch's global one, and drawn
-    again from the same seed in the backward pass instead of being kept.
+    ``base`` (the frozen layer's output, which autograd does not keep) is updated in place, so
+    the LoRA update never outlives the call. The dropout mask is drawn from a private generator
+    with a seed taken from torch's global one, and drawn again from the same seed in the
+    backward pass instead of being kept. With a half-precision base (bf16) and float32 master
+    weights, the rank-r matmuls compute in the base's dtype, as autocast would (the weights
+    are cast, a few KB; ``x`` is never copied to float32), and the weight gradients come back
+    in float32.
     """
 
     @staticmethod
     def forward(ctx, x, a_weight, b_weight, scaling, p, seed, base):
+        cd = x.dtype if x.dtype in _HALF else a_weight.dtype
+        a, b = a_weight.to(cd), b_weight.to(cd)
         keep_scale = 1.0
         if p > 0:
             keep, keep_scale = keep_mask(x, p, seed)
@@ -105,32 +123,38 @@ class _LoraBranch(torch.autograd.Function):
         else:
             xd = x
         # The dropout rescaling goes on the rank-r activation, not on x: one pass over x.
-        mid = xd.reshape(-1, xd.shape[-1]) @ a_weight.t()
+        mid = xd.reshape(-1, xd.shape[-1]).to(cd) @ a.t()
         del xd
         if p > 0:
             mid.mul_(keep_scale)
-        base.view(-1, base.shape[-1]).addmm_(mid, b_weight.t(), alpha=scaling)
+        flat = base.view(-1, base.shape[-1])
+        if flat.dtype == cd:
+            flat.addmm_(mid, b.t(), alpha=scaling)
+        else:
+            flat.add_((mid @ b.t()).mul_(scaling))
         ctx.mark_dirty(base)
-        ctx.save_for_backward(x, a_weight, b_weight, mid)
+        ctx.save_for_backward(x, a, b, mid)
         ctx.scaling, ctx.p, ctx.seed, ctx.keep_scale = scaling, p, seed, keep_scale
+        ctx.weight_dtype = a_weight.dtype
         return base
 
     @staticmethod
     def backward(ctx, grad):
-        x, a_weight, b_weight, mid = ctx.saved_tensors
-        s = ctx.scaling
+        x, a, b, mid = ctx.saved_tensors
+        s, cd, wd = ctx.scaling, a.dtype, ctx.weight_dtype
         keep = keep_mask(x, ctx.p, ctx.seed)[0] if ctx.p > 0 else None
-        g = grad.reshape(-1, grad.shape[-1])
-        grad_b = (g.t() @ mid).mul_(s) if ctx.needs_input_grad[2] else None
+        g = grad.reshape(-1, grad.shape[-1]).to(cd)
+        grad_b = (g.t() @ mid).mul_(s).to(wd) if ctx.needs_input_grad[2] else None
         # d loss / d (dropped x @ A.T), with the dropout rescaling folded in ([tokens, r]).
-        gmid = (g @ b_weight).mul_(s * ctx.keep_scale)
+        gmid = (g @ b).mul_(s * ctx.keep_scale)
+        del g
         grad_a = grad_x = None
         if ctx.needs_input_grad[1]:
             xd = x if keep is None else x * keep
-            grad_a = gmid.t() @ xd.reshape(-1, xd.shape[-1])
+            grad_a = (gmid.t() @ xd.reshape(-1, xd.shape[-1]).to(cd)).to(wd)
             del xd
         if ctx.needs_input_grad[0]:
-            grad_x = (gmid @ a_weight).view(x.shape)
+            grad_x = (gmid @ a).view(x.shape).to(x.dtype)
             if keep is not None:
                 grad_x = grad_x.mul_(keep)
         return grad_x, grad_a, grad_b, None, None, None, grad
@@ -174,13 +198,17 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
+        dtype = gate.dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            # Five elementwise steps: in fp32, rounded once (the stock graph rounds twice).
+            gate, up, grad = gate.float(), up.float(), grad.float()
         sig = torch.sigmoid(gate)
         silu = gate * sig
-        grad_up = grad * silu if ctx.needs_input_grad[1] else None
+        grad_up = (grad * silu).to(dtype) if ctx.needs_input_grad[1] else None
         grad_gate = None
         if ctx.needs_input_grad[0]:
             # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig + silu * (1 - sig)
-            grad_gate = silu.mul_(1 - sig).add_(sig).mul_(grad).mul_(up)
+            grad_gate = silu.mul_(1 - sig).add_(sig).mul_(grad).mul_(up).to(dtype)
         return grad_gate, grad_up
 
 
@@ -203,13 +231,13 @@ def _lora_forward(self, x, *args, **kwargs):
     result = self.base_layer(x)
     drop = self.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
-    xa = x.to(lora_a.weight.dtype) if not torch.is_autocast_enabled() else x
-    if (type(self.base_layer) is torch.nn.Linear and result.dtype == lora_b.weight.dtype
-            and result.is_contiguous()):
+    if torch.is_autocast_enabled():
+        return self._llamatune_original_forward(x, *args, **kwargs)
+    if type(self.base_layer) is torch.nn.Linear and result.is_contiguous():
         # A plain frozen linear does not keep its output: add the update into it in place.
-        return lora_branch(xa, lora_a.weight, lora_b.weight, self.scaling[name], p,
+        return lora_branch(x, lora_a.weight, lora_b.weight, self.scaling[name], p,
                            self.training, base=result)
-    out = lora_branch(xa, lora_a.weight, lora_b.weight, self.scaling[name], p, self.training)
+    out = lora_branch(x, lora_a.weight, lora_b.weight, self.scaling[name], p, self.training)
     return result + out.to(result.dtype)
 
 
@@ -253,14 +281,62 @@ def _mlp_forward(self, x):
         return self.down_proj(h)
 
 
+class _RMSNorm(torch.autograd.Function):
+    """Llama's RMSNorm, ``weight * (x * rsqrt(mean(x**2) + eps))``, computed in fp32.
+
+    transformers' module keeps the float32 copy of a bf16 input for its backward pass (twice
+    the input's bytes, once per norm per layer); this keeps the input as it is and the
+    per-row ``rsqrt`` only, and rebuilds the rest in the backward pass. Same values, same
+    rounding points.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        normed = (x32 * rstd).to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * normed
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        n32 = x.to(rstd.dtype) * rstd
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * n32.to(x.dtype)).reshape(-1, grad.shape[-1]).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = (grad * weight).to(rstd.dtype)  # through ``weight * normed`` and the cast
+            grad_x = (rstd * (g - n32 * (g * n32).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_w, None
+
+
+def _rms_norm(self, x):
+    return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
+
+
 def _norm_forward(self, x):
-    out = self._llamatune_original_forward(x)
+    forward = _rms_norm.__get__(self) if self._llamatune_rms else self._llamatune_original_forward
+    out = forward(x)
     outputs = self._llamatune_outputs
     if outputs is not None:
         # ``out`` is held until the layer's forward ends, so no other tensor can take its
         # address (and be mistaken for it) meanwhile.
-        outputs[_key(out)] = (out, self._llamatune_original_forward, x)
+        outputs[_key(out)] = (out, forward, x)
     return out
+
+
+def _is_llama_rms_norm(module) -> bool:
+    """An RMSNorm whose forward is Llama's, line for line (Mistral's, Qwen2's ...)."""
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except ImportError:  # pragma: no cover - transformers always ships Llama
+        return False
+    fwd = getattr(type(module), "forward", None)
+    return (hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None),
+                                                              torch.nn.Parameter)
+            and fwd is not None and fwd.__code__.co_code == LlamaRMSNorm.forward.__code__.co_code)
 
 
 def _layer_forward(self, *args, **kwargs):
@@ -275,32 +351,93 @@ def _layer_forward(self, *args, **kwargs):
     return _layer_forward_recompute(self, *args, **kwargs)
 
 
-def _cpu_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                  is_causal=None, **kwargs):
-    """The SDPA attention of transformers, passing grouped-query attention to torch as is on CPU.
+def _cpu_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+              is_causal=None, **kwargs):
+    """The SDPA attention of transformers, with CPU specifics (see the module docstring).
 
-    transformers repeats the key and value heads up to the query heads whenever there is an
-    attention mask, and SDPA then keeps the repeated copies for the backward pass. torch's CPU
-    flash kernel takes ``enable_gqa`` with a mask (same results, tested), so on CPU the repeat
-    is skipped; everything else (GPUs, where a mask with ``enable_gqa`` would fall back to the
-    slow math kernel; no mask; no GQA) is transformers' own ``sdpa`` function unchanged.
+    Grouped-query attention goes to torch as is on CPU, and short bf16 attention computes in
+    fp32.
+
+    Everything else (GPUs; features this function does not handle) is transformers' own
+    ``sdpa`` function unchanged.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
-    if (query.device.type != "cpu" or groups <= 1 or attention_mask is None
-            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
-            or kwargs.get("output_attentions", False)):
+    q_len, kv_len = query.shape[2], key.shape[2]
+    fp32 = query.dtype == torch.bfloat16 and kv_len <= FP32_ATTENTION_MAX
+    if (query.device.type != "cpu" or kwargs.get("position_bias") is not None
+            or kwargs.get("softcap") is not None or kwargs.get("output_attentions", False)
+            or (attention_mask is None and q_len not in (1, kv_len))
+            or not (fp32 or (groups > 1 and attention_mask is not None))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
+    causal = attention_mask is None and q_len > 1 and (is_causal if is_causal is not None
+                                                       else getattr(module, "is_causal", True))
+    dtype = query.dtype
+    if fp32 and dropout == 0.0 and _FLASH_CPU is not None:
+        out = _Fp32FlashAttention.apply(query, key, value, attention_mask, scaling, causal)
+        return out.transpose(1, 2).contiguous(), None
+    if fp32:
+        query, key, value = query.float(), key.float(), value.float()
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-        is_causal=False, enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
+        is_causal=causal, enable_gqa=groups > 1)
+    return out.to(dtype).transpose(1, 2).contiguous(), None
 
 
-def _use_cpu_gqa_attention(model) -> bool:
-    """Select :func:`_cpu_gqa_sdpa` for a CPU model with grouped-query SDPA attention."""
+_FLASH_CPU = (
+    (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward") else None)
+"""torch's CPU flash-attention kernels (what SDPA runs on CPU), called directly so the fp32
+attention of a bf16 model can keep bf16 tensors for its backward pass."""
+
+
+def _additive(mask):
+    """The kernels take an fp32 additive mask (0 where attended, -inf where not)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+            ~mask, float("-inf"))
+    return mask.float()
+
+
+class _Fp32FlashAttention(torch.autograd.Function):
+    """CPU flash attention on bf16 inputs, computed in fp32, keeping bf16 tensors only.
+
+    ``scaled_dot_product_attention`` on fp32 copies would keep those copies (query, key,
+    value and output: twice the bytes of the bf16 tensors) for its backward pass; this keeps
+    the bf16 inputs, the bf16 output and the per-row log-sum-exp, and casts them up again in
+    the backward pass (the output's rounding to bf16 is the only difference, in the backward's
+    row sums). Grouped-query attention goes to the kernel as is.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, scale, causal):
+        fwd, _ = _FLASH_CPU
+        out, lse = fwd(query.float(), key.float(), value.float(), 0.0, causal,
+                       attn_mask=_additive(mask), scale=scale)
+        out = out.to(query.dtype)
+        ctx.save_for_backward(query, key, value, out, lse, mask)  # the mask as it came
+        ctx.scale, ctx.causal = scale, causal
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        _, bwd = _FLASH_CPU
+        query, key, value, out, lse, mask = ctx.saved_tensors
+        gq, gk, gv = bwd(grad.float().contiguous(), query.float(), key.float(), value.float(),
+                         out.float(), lse, 0.0, ctx.causal, attn_mask=_additive(mask),
+                         scale=ctx.scale)
+        return gq.to(query.dtype), gk.to(key.dtype), gv.to(value.dtype), None, None, None
+
+
+def _use_cpu_attention(model) -> bool:
+    """Select :func:`_cpu_sdpa` for a CPU model with SDPA attention (GQA or bf16)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -308,11 +445,12 @@ def _use_cpu_gqa_attention(model) -> bool:
     cfg = inner.config
     groups = getattr(cfg, "num_attention_heads", 1) // max(1, getattr(cfg, "num_key_value_heads",
                                                                       None) or 1)
-    if (getattr(cfg, "_attn_implementation", "") != "sdpa" or groups <= 1
-            or next(inner.parameters()).device.type != "cpu"
+    weight = next(inner.parameters())
+    if (getattr(cfg, "_attn_implementation", "") != "sdpa" or weight.device.type != "cpu"
+            or not (groups > 1 or weight.dtype == torch.bfloat16)
             or not hasattr(inner, "set_attn_implementation")):
         return False
-    AttentionInterface.register(_ATTENTION, _cpu_gqa_sdpa)
+    AttentionInterface.register(_ATTENTION, _cpu_sdpa)
     ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTENTION, sdpa_mask)
     inner.set_attn_implementation(_ATTENTION)
     return True
@@ -413,10 +551,11 @@ def install(model) -> dict[str, int]:
             module._llamatune_norms = (module.input_layernorm, module.post_attention_layernorm)
             for norm in module._llamatune_norms:
                 norm._llamatune_outputs = None
+                norm._llamatune_rms = _is_llama_rms_norm(norm)
                 _patch(norm, _norm_forward)
             _patch(module, _layer_forward)
             counts["norm"] += 2
-    model._llamatune_gqa_attention = _use_cpu_gqa_attention(model)
+    model._llamatune_gqa_attention = _use_cpu_attention(model)
     model._llamatune_fused = True
     return counts
 

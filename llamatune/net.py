@@ -60,13 +60,15 @@ class Net(torch.nn.Module):
         inner = self.inner
         backbone = getattr(inner, inner.base_model_prefix)
         kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
-        if "attention_mask" in batch:
-            # 0/1 as integers: a float mask would read as additive to transformers.
-            kwargs["attention_mask"] = batch["attention_mask"].long()
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            # A 2-D padding mask as 0/1 integers (a float one would read as additive); a 4-D
+            # boolean mask (pair rows: see llamatune.training.pair_batches) goes as it is.
+            kwargs["attention_mask"] = mask if mask.dim() == 4 else mask.long()
         if "position_ids" in batch:
             kwargs["position_ids"] = batch["position_ids"]
-        elif "attention_mask" in batch:
-            kwargs["position_ids"] = position_ids(batch["attention_mask"])
+        elif mask is not None and mask.dim() == 2:
+            kwargs["position_ids"] = position_ids(mask)
         return backbone(**kwargs).last_hidden_state
 
     @contextlib.contextmanager
@@ -124,31 +126,51 @@ class Net(torch.nn.Module):
 
     def _logprobs(self, batch, temperature, entropy):
         hidden = self._hidden(batch)
-        labels = batch["labels"][:, 1:]
-        mask = labels != -100
-        h = hidden[:, :-1][mask]
+        if "pred_pos" in batch:  # pair rows: explicit (position, label, side) predictions
+            labels = batch["pred_label"]
+            mask = labels != -100
+            rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(labels)
+            h = hidden[rows[mask], batch["pred_pos"][mask]]
+            y = labels[mask]
+        else:
+            labels = batch["labels"][:, 1:]
+            mask = labels != -100
+            h = hidden[:, :-1][mask]
+            y = labels[mask]
         out = self.inner.get_output_embeddings()
         if type(out) is torch.nn.Linear and out.bias is None:
             from llamatune._head_loss import head_logprobs
 
-            res = head_logprobs(h, out.weight, labels[mask], temperature, entropy)
+            res = head_logprobs(h, out.weight, y, temperature, entropy)
             logp, ent = res if entropy else (res, None)
         else:
             logits = out(h).float() / temperature
             logsm = torch.log_softmax(logits, dim=-1)
-            logp = logsm.gather(1, labels[mask][:, None]).squeeze(1)
+            logp = logsm.gather(1, y[:, None]).squeeze(1)
             ent = -(logsm.exp() * logsm).sum(-1).detach() if entropy else None
-        rows = mask.nonzero()[:, 0]
         n = labels.shape[0]
+        rows = mask.nonzero()[:, 0]
+        if "pred_side" in batch:  # per side: chosen rows first, then rejected
+            rows = rows + n * batch["pred_side"][mask]
+            n = 2 * n
+            count = torch.zeros(n, dtype=torch.long, device=logp.device).index_add(
+                0, rows, torch.ones_like(rows))
+        else:
+            count = mask.sum(-1)
         seq = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
-        out = {"logp": logp, "seq": seq, "count": mask.sum(-1), "mask": mask}
+        out = {"logp": logp, "seq": seq, "count": count, "mask": mask}
         if ent is not None:
             out["entropy"] = ent
         return out
 
     def _score(self, batch, head):
-        mask = batch["attention_mask"].long()
         hidden = self._hidden(batch)
+        if "ends" in batch:  # pair rows: each answer's last token, chosen rows first
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            ends = batch["ends"]
+            h = torch.cat([hidden[rows, ends[:, 0]], hidden[rows, ends[:, 1]]])
+            return self.heads[head](h).float()
+        mask = batch["attention_mask"].long()
         steps = torch.arange(mask.shape[1], device=mask.device)
         last = (steps * mask).argmax(-1)
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]

@@ -43,7 +43,9 @@ __all__ = [
     "data_order",
     "epoch_batches",
     "load_checkpoint",
+    "n_pairs",
     "pair_batches",
+    "pair_row",
     "resume_checkpoint",
     "save_checkpoint",
     "set_seed",
@@ -187,37 +189,108 @@ def epoch_batches(
             for g in batch_groups(lengths, tcfg, epoch, shuffle)]
 
 
-def pair_batches(samples: list[dict], tcfg: TrainConfig, epoch: int, pad_id: int,
-                 shuffle: bool = True) -> list[dict]:
-    """The micro-batches of one epoch of preference pairs: chosen sides first, then rejected.
+def _shared_prefix(sample) -> int:
+    """Tokens both sides of a pair share before either answer starts (the prompt)."""
+    c, r = sample["chosen_ids"], sample["rejected_ids"]
+    limit = min(len(c), len(r)) - 1
+    for side in ("chosen", "rejected"):
+        labels = sample.get(f"{side}_labels")
+        if labels is not None:
+            limit = min(limit, next((i for i, t in enumerate(labels) if t != -100), limit))
+    n = 0
+    while n < limit and c[n] == r[n]:
+        n += 1
+    return n
 
-    Ordered like :func:`epoch_batches` (a pair's longer side is its length), so a resumed
-    run sees the same batches.
+
+def pair_row(sample) -> dict:
+    """One preference pair as one row: shared prompt, chosen answer, then rejected answer.
+
+    The prompt is computed once for both answers: the rejected tokens take the positions they
+    would have after the prompt alone and attend to the prompt and to each other, never to the
+    chosen answer (the mask built by :func:`pair_batches`), so each side's hidden states are
+    those of its own ``prompt + answer`` sequence.
 
     Returns:
-        Dicts with ``input_ids``, ``labels`` (the answers supervised), ``attention_mask``
-        (right padding), ``n_real`` and, where the samples carry them, ``ref_logp`` (the
-        reference log-probs, chosen first); rows ``i`` and ``i + n`` of a batch of ``2n``
-        rows are the two sides of one pair.
+        ``input_ids`` and ``position_ids`` (lists), ``split`` (where the rejected part starts),
+        ``prefix`` (the shared tokens), the two ``ends`` (each answer's last token), and the
+        predicted tokens: ``pred`` as ``(position, label, side)`` triples (side 0 chosen, 1
+        rejected), each label predicted from the hidden state at that position.
+    """
+    c, r = sample["chosen_ids"], sample["rejected_ids"]
+    n = _shared_prefix(sample)
+    ids = list(c) + list(r[n:])
+    pos = list(range(len(c))) + list(range(n, len(r)))
+    pred = []
+    for side, labels in ((0, sample.get("chosen_labels")), (1, sample.get("rejected_labels"))):
+        if labels is None:
+            continue
+        for j in range(1, len(labels)):
+            if labels[j] == -100:
+                continue
+            if side == 0:
+                at = j - 1
+            else:  # rejected token j sits at len(c) + j - n; its predictor is the token before
+                at = len(c) + j - n - 1 if j > n else n - 1
+            pred.append((at, labels[j], side))
+    return {"input_ids": ids, "position_ids": pos, "split": len(c), "prefix": n,
+            "ends": (len(c) - 1, len(ids) - 1), "pred": pred}
+
+
+def pair_batches(samples: list[dict], tcfg: TrainConfig, epoch: int, pad_id: int,
+                 shuffle: bool = True) -> list[dict]:
+    """The micro-batches of one epoch of preference pairs, one row per pair (:func:`pair_row`).
+
+    Ordered like :func:`epoch_batches` (by the pair row's length), so a resumed run sees the
+    same batches. Each batch holds ``input_ids``, ``position_ids``, a boolean
+    ``attention_mask`` ``[n, 1, T, T]`` (causal, the rejected answer blind to the chosen one,
+    padding masked), ``ends`` ``[n, 2]`` (the last token of each answer, where a reward is
+    read), ``pred_pos`` / ``pred_label`` / ``pred_side`` ``[n, L]`` (``-100`` labels pad),
+    ``n_real`` and, where the samples carry them, ``ref_logp`` ``[2n]`` (reference log-probs,
+    chosen first). Figures computed per side come back as ``[2n]``, chosen rows first.
     """
     import torch
 
-    from llamatune.data.collate import pad_batch
-
-    lengths = [max(len(s["chosen_ids"]), len(s["rejected_ids"])) for s in samples]
+    rows = [pair_row(s) for s in samples]
+    lengths = [len(r["input_ids"]) for r in rows]
     out = []
     for g in batch_groups(lengths, tcfg, epoch, shuffle):
-        rows = [{"input_ids": samples[i][f"{side}_ids"]} for side in ("chosen", "rejected")
-                for i in g]
-        for row, (side, i) in zip(rows, [(side, i) for side in ("chosen", "rejected") for i in g]):
-            if f"{side}_labels" in samples[i]:
-                row["labels"] = samples[i][f"{side}_labels"]
-        batch = pad_batch(rows, pad_id)
+        part = [rows[i] for i in g]
+        n, t = len(part), max(lengths[i] for i in g)
+        width = max(1, max(len(r["pred"]) for r in part))
+        ids = torch.full((n, t), pad_id, dtype=torch.long)
+        pos = torch.zeros((n, t), dtype=torch.long)
+        mask = torch.zeros((n, 1, t, t), dtype=torch.bool)
+        ends = torch.zeros((n, 2), dtype=torch.long)
+        pred_pos = torch.zeros((n, width), dtype=torch.long)
+        pred_label = torch.full((n, width), -100, dtype=torch.long)
+        pred_side = torch.zeros((n, width), dtype=torch.long)
+        causal = torch.tril(torch.ones((t, t), dtype=torch.bool))
+        for k, row in enumerate(part):
+            m = len(row["input_ids"])
+            ids[k, :m] = torch.tensor(row["input_ids"])
+            pos[k, :m] = torch.tensor(row["position_ids"])
+            mask[k, 0, :m, :m] = causal[:m, :m]
+            mask[k, 0, row["split"]:m, row["prefix"]:row["split"]] = False
+            mask[k, 0, m:, :].fill_(False)
+            mask[k, 0, range(m, t), range(m, t)] = True  # padding attends to itself (no NaN)
+            ends[k] = torch.tensor(row["ends"])
+            if row["pred"]:
+                p = torch.tensor(row["pred"])
+                pred_pos[k, : len(p)], pred_label[k, : len(p)], pred_side[k, : len(p)] = p.T
+        batch = {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "ends": ends,
+                 "pred_pos": pred_pos, "pred_label": pred_label, "pred_side": pred_side,
+                 "n_real": torch.tensor(sum(lengths[i] for i in g))}
         if "ref_logp" in samples[g[0]]:  # precomputed reference log-probs (DPO)
             batch["ref_logp"] = torch.tensor([samples[i]["ref_logp"][k] for k in (0, 1)
                                               for i in g], dtype=torch.float64)
         out.append(batch)
     return out
+
+
+def n_pairs(batch: dict) -> int:
+    """Preference pairs in a :func:`pair_batches` micro-batch (one row each)."""
+    return batch["input_ids"].shape[0]
 
 
 def trainable_state_dict(model) -> dict:

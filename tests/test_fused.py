@@ -114,6 +114,38 @@ def test_fused_model_equals_peft_without_dropout():
     assert all("llamatune" not in k for k in model.state_dict())
 
 
+def test_fused_model_on_a_bf16_base_is_as_accurate_as_peft():
+    """The dtype policy's case: frozen bf16 base, float32 LoRA (its input never stored in fp32).
+
+    Against the same model in float32, the lean kernels on the bf16 base err about as much as
+    peft's modules on it: bf16 rounding in another order, not other math (a wrong kernel errs
+    by the size of the gradients themselves).
+    """
+    batch = _batch()
+    exact_loss, exact = _loss_and_grads(_tiny(), batch)
+
+    def bf16_model():
+        model = _tiny()
+        model.to(torch.bfloat16)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+        return model
+
+    stock_loss, stock = _loss_and_grads(bf16_model(), batch)
+    model = bf16_model()
+    fused.install(model)
+    loss, grads = _loss_and_grads(model, batch)
+    assert all(g.dtype == torch.float32 for g in grads.values())
+
+    def err(g):
+        return max(float((g[k] - exact[k]).abs().max() / exact[k].abs().max()) for k in exact)
+
+    assert err(stock) < 0.1  # bf16 rounding, not a broken model
+    assert err(grads) <= err(stock) * 1.5
+    assert abs(loss - exact_loss) <= abs(stock_loss - exact_loss) * 1.5 + 1e-3 * abs(exact_loss)
+
+
 def test_fused_dropout_rate_and_eval_identity():
     model = _tiny(dropout=0.25)
     batch = _batch()
@@ -266,3 +298,106 @@ def test_every_stage_trains_on_the_lean_kernels(stage, tmp_path, tiny_model_dir,
     layers = [m for m in r.net.modules() if isinstance(m, LoraLayer)]
     assert len(layers) == 2 * 7 and is_fused(r.net.model)
     assert all("_llamatune_original_forward" in vars(m) for m in layers)
+
+
+def test_kernels_stand_down_outside_the_tested_versions(monkeypatch, capsys):
+    model = _tiny()
+    monkeypatch.setattr(fused, "TESTED", {"peft": ("0.0", "0.1"), "transformers": ("5.0", "6.0")})
+    monkeypatch.setattr(fused, "_said", set())
+    assert fused.install(model) == {"lora": 0, "swiglu": 0, "norm": 0}
+    assert not fused.is_fused(model)
+    assert fused.install(_tiny()) == {"lora": 0, "swiglu": 0, "norm": 0}
+    out = capsys.readouterr().out
+    assert out.count("using peft's and transformers' own modules") == 1  # said once
+    from peft.tuners.lora import LoraLayer
+
+    assert not any("_llamatune_original_forward" in vars(m) for m in model.modules()
+                   if isinstance(m, LoraLayer))
+
+
+def test_cpu_gqa_goes_through_a_registered_attention_function():
+    """No process-wide switch: transformers' AttentionInterface, selected per model."""
+    import os
+
+    model = _tiny()
+    fused.install(model)
+    inner = model.get_base_model()
+    assert model._llamatune_gqa_attention
+    assert inner.config._attn_implementation == "llamatune_cpu_sdpa"
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    plain = _tiny()  # the same weights, transformers' own sdpa
+    batch = _batch()
+    with torch.no_grad():
+        a = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    keep = batch["attention_mask"].bool()
+    assert torch.allclose(a[keep], b[keep], atol=1e-5)
+
+
+def test_head_logprobs_match_log_softmax_with_temperature():
+    from llamatune._head_loss import head_logprobs
+
+    torch.manual_seed(0)
+    h = torch.randn(9, 6, dtype=torch.double, requires_grad=True)
+    w = torch.randn(13, 6, dtype=torch.double, requires_grad=True)
+    y = torch.randint(0, 13, (9,))
+    assert torch.autograd.gradcheck(lambda a, b: head_logprobs(a, b, y, 0.7), (h, w))
+    logp, ent = head_logprobs(h, w, y, 0.7, entropy=True)
+    ref = torch.log_softmax(h @ w.t() / 0.7, -1)
+    assert torch.allclose(logp, ref.gather(1, y[:, None]).squeeze(1))
+    assert torch.allclose(ent, -(ref.exp() * ref).sum(-1))
+    with pytest.raises(ValueError):
+        head_logprobs(h, w, y, 0.0)
+
+
+def test_net_logprobs_are_the_models_own():
+    """Per-token log-probs of the supervised tokens and their per-sequence sums."""
+    from llamatune.net import Net
+
+    model = _tiny()
+    fused.install(model)
+    batch = _batch()
+    net = Net(model)
+    out = net("logprobs", batch, temperature=1.3)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    lab = batch["labels"][:, 1:]
+    ref = torch.log_softmax(logits[:, :-1].float() / 1.3, -1)
+    mask = lab != -100
+    want = ref[mask].gather(1, lab[mask][:, None]).squeeze(1)
+    assert torch.allclose(out["logp"].detach(), want, atol=1e-5)
+    sums = torch.stack([want[mask[:i].sum():mask[: i + 1].sum()].sum() for i in range(3)])
+    assert torch.allclose(out["seq"].detach(), sums, atol=1e-4)
+    assert out["count"].tolist() == mask.sum(-1).tolist()
+    out["seq"].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if "lora_A" in n)
+
+
+def test_rms_norm_and_fp32_flash_attention_match_the_stock_math():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.double, requires_grad=True)
+    w = torch.randn(8, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: fused._RMSNorm.apply(x, w, 1e-6), (x, w))
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(8).double()
+    norm.weight.data = w.detach().clone()
+    assert torch.allclose(fused._RMSNorm.apply(x, w, norm.variance_epsilon), norm(x))
+    if fused._FLASH_CPU is None:
+        pytest.skip("this torch has no CPU flash-attention ops")
+    q = torch.randn(2, 6, 7, 16, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 2, 7, 16, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 2, 7, 16, dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.tril(torch.ones(7, 7, dtype=torch.bool))[None, None].repeat(2, 1, 1, 1)
+    mask[1, 0, :, 5:] = False
+    mask[1, 0, 5:, 5:] = torch.eye(2, dtype=torch.bool)
+    out = fused._Fp32FlashAttention.apply(q, k, v, mask, 0.25, False)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=0.25, enable_gqa=True)
+    ref_grads = torch.autograd.grad(ref, (qf, kf, vf), g.float())
+    assert torch.allclose(out.float(), ref, atol=1e-2)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a.float(), b, atol=3e-2, rtol=3e-2)

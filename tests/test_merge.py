@@ -239,3 +239,36 @@ def test_chat_template_problem_names_the_difference(lora_run):
     tok.chat_template = to_jinja(tok, "vicuna")
     problem = merge.chat_template_problem(tok, "alpaca", None)
     assert problem and "USER:" in problem and "### Instruction" in problem
+
+
+def test_merge_a_dpo_run_from_another_directory(tmp_path, tiny_model_dir, monkeypatch):
+    """Any stage's run merges, verified on its own data; the run's paths are absolute."""
+    from test_reward import _pairs
+
+    work = tmp_path / "work"
+    work.mkdir()
+    write_jsonl(work / "pref.jsonl", _pairs())
+    recipe = make_recipe(work, tiny_model_dir, "pref.jsonl", stage="dpo",  # a relative path
+                         model={"dtype": "float32"}, train={"max_steps": 3, "lr": 5e-2},
+                         data={"format": "preference", "template": "chatml", "eval_split": 4})
+    monkeypatch.chdir(work)
+    assert cli(["dpo", str(recipe)]) == 0
+    cfg = load_config(work / "run" / "config.yaml")
+    assert cfg.stage == "dpo" and cfg.data.path == str(work / "pref.jsonl")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "merged"
+    assert cli(["merge", str(work / "run"), "--out", str(out)]) == 0
+    record = json.loads((out / "llamatune_merge.json").read_text())["verification"]
+    assert record["passed"] and record["source"] == "eval split" and record["tokens"] > 0
+
+
+def test_merge_refuses_a_reward_model(tmp_path, tiny_model_dir, capsys):
+    from test_reward import _cfg_sections, _pairs
+
+    data = write_jsonl(tmp_path / "pref.jsonl", _pairs())
+    recipe = make_recipe(tmp_path, tiny_model_dir, data, **_cfg_sections())
+    assert cli(["rm", str(recipe)]) == 0
+    capsys.readouterr()
+    assert cli(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "m")]) == 2
+    assert "is a `rm` run; merge" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

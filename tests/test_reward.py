@@ -84,7 +84,7 @@ def test_head_and_lora_get_gradients_base_does_not(tmp_path, tiny_model_dir, pre
     # One step first, so lora_B is no longer zero and lora_A receives gradient too.
     before = {n: p.detach().clone() for n, p in r.net.named_parameters()}
     r.train()
-    rewards = sequence_rewards(r.net, b["input_ids"], b["attention_mask"])
+    rewards = r.net("score", b)  # chosen rows first
     (rewards[:4] - rewards[4:]).sum().backward()
     names = {"head": 0, "lora_A": 0, "lora_B": 0, "frozen": 0}
     for n, p in r.net.named_parameters():
@@ -142,8 +142,9 @@ def test_pair_batches_keep_pairs_together_and_cover_each_once():
     from llamatune.config import TrainConfig
 
     # Token ids encode the pair index, so each row can be traced back to its pair.
-    samples = [{"chosen_ids": [100 + i] * (3 + i % 7) + [2],
-                "rejected_ids": [300 + i] * (2 + i % 5) + [2], "group": None} for i in range(37)]
+    samples = [{"chosen_ids": [7, 8] + [100 + i] * (3 + i % 7) + [2],
+                "rejected_ids": [7, 8] + [300 + i] * (2 + i % 5) + [2], "group": None}
+               for i in range(37)]
     for grouped in (True, False):
         tc = TrainConfig(batch_size=4, group_by_length=grouped)
         batches = pair_batches(samples, tc, 1, 0)
@@ -151,13 +152,50 @@ def test_pair_batches_keep_pairs_together_and_cover_each_once():
             b["input_ids"].tolist() for b in pair_batches(samples, tc, 1, 0)]
         seen = []
         for b in batches:
-            ids, n = b["input_ids"], b["input_ids"].shape[0] // 2
-            for k in range(n):
-                assert int(ids[k, 0]) - 100 == int(ids[n + k, 0]) - 300
-                seen.append(int(ids[k, 0]) - 100)
-            assert int(b["n_real"]) == int(b["attention_mask"].sum())
+            for k in range(b["input_ids"].shape[0]):  # one row a pair: prompt, chosen, rejected
+                row, (c_end, r_end) = b["input_ids"][k].tolist(), b["ends"][k].tolist()
+                i = row[2] - 100
+                assert row[:2] == [7, 8] and row[c_end] == 2 and row[r_end] == 2
+                assert row[c_end + 1] - 300 == i  # the rejected answer follows, prompt shared
+                assert b["position_ids"][k, c_end + 1] == 2  # ... at the prompt's end
+                seen.append(i)
+            assert int(b["n_real"]) == int(b["ends"][:, 1].sum()) + b["input_ids"].shape[0]
         assert sorted(seen) == list(range(37))
     assert seen != sorted(seen)  # shuffled
+
+
+def test_pair_rows_give_each_side_its_own_hidden_states(tiny_model_dir, tiny_tokenizer):
+    """A pair row (shared prompt) reproduces both ``prompt + answer`` sequences exactly."""
+    import torch
+
+    from llamatune import model as loader
+    from llamatune.config import LoraConfig, ModelConfig, TrainConfig
+    from llamatune.data import read_records, tokenize_preferences
+
+    loaded = loader.load_base(ModelConfig(path=str(tiny_model_dir), dtype="float32"),
+                              trainable=False, seed=0)
+    loader.add_adapter(loaded, "reward", lcfg=LoraConfig(r=4), trainable=False)
+    loader.add_head(loaded, "score", trainable=False)
+    net = loader.finish(loaded).double()
+    import tempfile
+    from pathlib import Path
+
+    path = write_jsonl(Path(tempfile.mkdtemp()) / "p.jsonl", _pairs(n_per_topic=1))
+    samples, _ = tokenize_preferences(read_records(path, "preference"), tiny_tokenizer, "chatml")
+    batch = pair_batches(samples[:5], TrainConfig(batch_size=5), 0, tiny_tokenizer.pad_token_id,
+                         shuffle=False)[0]
+    with torch.no_grad():
+        got = net("score", batch)
+        lp = net("logprobs", batch)
+        for k, s in enumerate(samples[:5]):
+            for side, idx in (("chosen", k), ("rejected", 5 + k)):
+                ids = torch.tensor([s[f"{side}_ids"]])
+                alone = net("score", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+                assert torch.allclose(got[idx], alone[0], atol=1e-9), (k, side)
+                one = net("logprobs", {"input_ids": ids,
+                                       "labels": torch.tensor([s[f"{side}_labels"]])})
+                assert torch.allclose(lp["seq"][idx], one["seq"][0], atol=1e-9), (k, side)
+                assert int(lp["count"][idx]) == int(one["count"][0])
 
 
 def test_accumulation_weighs_every_pair_equally(tmp_path, tiny_model_dir, pref_file):
@@ -251,7 +289,7 @@ def test_score_api_matches_training_model_and_keeps_row_order(tmp_path, tiny_mod
 
 def test_cli_rm_then_score_json(tmp_path, tiny_model_dir, pref_file, capsys):
     recipe = make_recipe(tmp_path, tiny_model_dir, pref_file,
-                         **_cfg_sections(train={"max_steps": 12}))
+                         **_cfg_sections(train={"max_steps": 20}))
     assert cli(["validate", str(recipe)]) == 0
     assert "eval 10" in capsys.readouterr().out
     assert cli(["rm", str(recipe)]) == 0

@@ -136,15 +136,21 @@ class DPORecipe:
 
     def _precompute_reference(self) -> None:
         """Score every pair once with the reference; batches then carry ``ref_logp``."""
+        import dataclasses
+
         import torch
 
+        # No gradients: twice the training batch, in length order (little padding).
+        tc = dataclasses.replace(self.cfg.train, batch_size=2 * self.cfg.train.batch_size)
         self.net.eval()
         with torch.no_grad():
             for samples in (self.train_samples, self.eval_samples):
-                for i in range(0, len(samples), self.cfg.train.batch_size):
-                    part = samples[i : i + self.cfg.train.batch_size]
-                    b = training.pair_batches(part, self.cfg.train, 0, self.pad_id, shuffle=False)
-                    seq = self._logprobs(b[0], self.reference)["seq"].tolist()
+                order = sorted(samples, key=lambda s: max(len(s["chosen_ids"]),
+                                                          len(s["rejected_ids"])))
+                for i in range(0, len(order), tc.batch_size):
+                    part = order[i : i + tc.batch_size]
+                    b = training.pair_batches(part, tc, 0, self.pad_id, shuffle=False)[0]
+                    seq = self._logprobs(b, self.reference)["seq"].tolist()
                     for k, s in enumerate(part):
                         s["ref_logp"] = [seq[k], seq[len(part) + k]]
         self.net.train()
@@ -156,10 +162,10 @@ class DPORecipe:
 
     def count(self, batch: dict) -> int:
         """Pairs."""
-        return batch["input_ids"].shape[0] // 2
+        return training.n_pairs(batch)
 
     def _logprobs(self, batch: dict, adapter: str | None = None) -> dict:
-        b = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
+        b = {k: v.to(self.device) for k, v in batch.items() if k != "ref_logp"}
         return self.net("logprobs", b, adapter=adapter)
 
     def loss(self, batch: dict):

@@ -102,11 +102,10 @@ class RewardRecipe:
 
     def count(self, batch: dict) -> int:
         """Pairs."""
-        return batch["input_ids"].shape[0] // 2
+        return training.n_pairs(batch)
 
     def _rewards(self, batch: dict):
-        return self.net("score", {k: batch[k].to(self.device)
-                                  for k in ("input_ids", "attention_mask")})
+        return self.net("score", {k: v.to(self.device) for k, v in batch.items()})
 
     def loss(self, batch: dict):
         """Summed pairwise loss, and the pairs ranked right (``accuracy``)."""
