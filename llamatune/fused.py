@@ -376,8 +376,7 @@ def _cpu_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
                                                        else getattr(module, "is_causal", True))
     dtype = query.dtype
     if fp32 and dropout == 0.0 and _FLASH_CPU is not None:
-        out = _Fp32FlashAttention.apply(query, key, value, attention_mask, scaling, causal)
-        return out.transpose(1, 2).contiguous(), None
+        return _Fp32FlashAttention.apply(query, key, value, attention_mask, scaling, causal), None
     if fp32:
         query, key, value = query.float(), key.float(), value.float()
         if attention_mask is not None and attention_mask.is_floating_point():
@@ -411,7 +410,8 @@ class _Fp32FlashAttention(torch.autograd.Function):
 
     ``scaled_dot_product_attention`` on fp32 copies would keep those copies (query, key,
     value and output: twice the bytes of the bf16 tensors) for its backward pass; this keeps
-    the bf16 inputs, the bf16 output and the per-row log-sum-exp, and casts them up again in
+    the bf16 inputs, the bf16 output (in the layout o_proj keeps anyway) and the per-row
+    log-sum-exp, and casts them up again in
     the backward pass (the output's rounding to bf16 is the only difference, in the backward's
     row sums). Grouped-query attention goes to the kernel as is.
     """
@@ -421,7 +421,9 @@ class _Fp32FlashAttention(torch.autograd.Function):
         fwd, _ = _FLASH_CPU
         out, lse = fwd(query.float(), key.float(), value.float(), 0.0, causal,
                        attn_mask=_additive(mask), scale=scale)
-        out = out.to(query.dtype)
+        # Returned as [batch, tokens, heads, dim], the layout o_proj reads: the tensor kept
+        # here is the one o_proj keeps too.
+        out = out.to(query.dtype).transpose(1, 2).contiguous()
         ctx.save_for_backward(query, key, value, out, lse, mask)  # the mask as it came
         ctx.scale, ctx.causal = scale, causal
         return out
@@ -430,9 +432,9 @@ class _Fp32FlashAttention(torch.autograd.Function):
     def backward(ctx, grad):
         _, bwd = _FLASH_CPU
         query, key, value, out, lse, mask = ctx.saved_tensors
-        gq, gk, gv = bwd(grad.float().contiguous(), query.float(), key.float(), value.float(),
-                         out.float(), lse, 0.0, ctx.causal, attn_mask=_additive(mask),
-                         scale=ctx.scale)
+        gq, gk, gv = bwd(grad.transpose(1, 2).float().contiguous(), query.float(), key.float(),
+                         value.float(), out.transpose(1, 2).float().contiguous(), lse, 0.0,
+                         ctx.causal, attn_mask=_additive(mask), scale=ctx.scale)
         return gq.to(query.dtype), gk.to(key.dtype), gv.to(value.dtype), None, None, None
 
 

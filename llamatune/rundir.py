@@ -33,6 +33,7 @@ from llamatune.errors import UserError
 
 __all__ = [
     "ADAPTER_FILES",
+    "REFERENCE_DIR",
     "Run",
     "absolute_config",
     "adapter_dir",
@@ -43,6 +44,7 @@ __all__ = [
     "keep_copy",
     "latest_checkpoint",
     "prepare_output_dir",
+    "starting_adapter",
     "write_final",
     "write_run_files",
 ]
@@ -199,6 +201,40 @@ def keep_copy(run_dir: Path, src: str, name: str, files=ADAPTER_FILES) -> Path:
             shutil.copy2(Path(src) / f, tmp / f)
     os.replace(tmp, dest)
     return dest
+
+
+REFERENCE_DIR = "reference_adapter"
+"""Where a DPO or PPO run keeps the copy of the starting adapter its reference needs."""
+
+
+def starting_adapter(cfg: Config, command: str, kept: str | None = None) -> str | None:
+    """The SFT run a stage starts from (``model.adapter``), checked before anything is written.
+
+    Args:
+        cfg: The stage's config.
+        command: The stage command, for messages.
+        kept: The name of the run's own copy of it (a resumed run uses that copy, even if the
+            SFT run has moved since).
+
+    Returns:
+        The adapter folder, or ``None`` when the stage starts from the base.
+
+    Raises:
+        UserError: No adapter there, or it is a reward model.
+    """
+    if cfg.model.adapter is None:
+        return None
+    if kept is not None:
+        copy = Path(cfg.output_dir).expanduser() / kept
+        if cfg.resume and (copy / "adapter_config.json").is_file():
+            return str(copy)
+    folder = adapter_dir(cfg.model.adapter)
+    if is_finished(folder) and Run.open(folder).stage == "rm":
+        raise UserError(f"model.adapter {cfg.model.adapter} is a reward model; {command} starts "
+                        "from an SFT run (a causal-LM adapter), or from the base with "
+                        "model.adapter unset. To continue a reward run, use resume=true with its "
+                        "output_dir.")
+    return folder
 
 
 def adapter_dir(path: str, key: str = "model.adapter") -> str:

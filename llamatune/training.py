@@ -636,9 +636,11 @@ class Loop:
         self.run_dir, self.data_order = begun.run_dir, begun.data_order
         self.has_eval = has_eval
         self.step = self.epoch = self.micro = 0  # micro: micro-batches of this epoch consumed
+        self._batches, self._batches_epoch, self._params = None, -1, []
         tc = cfg.train
         n_micro = len(stage.batches(0))
-        self.steps_per_epoch = max(1, math.ceil(n_micro / tc.grad_accum))
+        per_step = 1 if hasattr(stage, "iteration") else tc.grad_accum  # an iteration: one batch
+        self.steps_per_epoch = max(1, math.ceil(n_micro / per_step))
         self.total_steps = tc.step_cap or math.ceil(tc.epochs * self.steps_per_epoch)
         self.optimizer = build_optimizer(loaded.net, tc)
         self.scheduler = build_scheduler(self.optimizer, tc, self.total_steps)
@@ -649,60 +651,100 @@ class Loop:
             load_trainable(loaded, begun.resume_from)
             state = load_checkpoint(begun.resume_from, self.optimizer, self.scheduler, tc.lr)
             self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
+            if hasattr(stage, "load_state") and "stage" in state:
+                stage.load_state(state["stage"])
             resume_step = self.step
             print(f"resumed from {begun.resume_from} (step {self.step})", flush=True)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step)
 
-    def run(self) -> None:
-        """Run the optimizer steps, logging, evaluating and checkpointing on schedule."""
+    def next_batch(self) -> dict:
+        """The next micro-batch of the stage's epochs (the position checkpoints save)."""
+        if self._batches is None or self._batches_epoch != self.epoch:
+            self._batches, self._batches_epoch = self.stage.batches(self.epoch), self.epoch
+        if self.micro >= len(self._batches):
+            self.epoch += 1
+            self.micro = 0
+            self._batches, self._batches_epoch = self.stage.batches(self.epoch), self.epoch
+        self.micro += 1
+        return self._batches[self.micro - 1]
+
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs done, fractional."""
+        n = len(self._batches) if self._batches else 1
+        return self.epoch + self.micro / max(n, 1)
+
+    def apply(self, loss: float) -> float | None:
+        """Clip the accumulated gradients, stop on a NaN, step the optimizer, clear gradients.
+
+        Args:
+            loss: The loss the gradients came from (checked finite with the gradient norm).
+
+        Returns:
+            The gradient norm before clipping (``None`` when ``train.max_grad_norm`` is 0).
+
+        Raises:
+            TrainingDiverged: Before the update, when the loss or norm is not finite.
+        """
         import torch
 
+        tc = self.cfg.train
+        grad_norm = None
+        if tc.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, tc.max_grad_norm))
+        check_finite(self.step + 1, loss, grad_norm, self.run_dir)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)
+        return grad_norm
+
+    def _window_step(self) -> tuple[float, dict, int, float | None]:
+        """One optimizer step over ``train.grad_accum`` micro-batches (the default step)."""
+        stage = self.stage
+        window = [self.next_batch() for _ in range(self.cfg.train.grad_accum)]
+        # Normalized over the whole window: every unit weighs the same.
+        count = sum(stage.count(b) for b in window)
+        step_loss, sums, tokens = 0.0, {}, 0
+        for b in window:
+            loss_sum, figures = stage.loss(b)
+            (loss_sum / count).backward()
+            step_loss += loss_sum.item()
+            for k, v in figures.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            tokens += int(b["n_real"])
+        loss = step_loss / count
+        grad_norm = self.apply(loss)
+        return loss, {k: v / count for k, v in sums.items()}, tokens, grad_norm
+
+    def run(self) -> None:
+        """Run the steps, logging, evaluating and checkpointing on schedule.
+
+        A step is one optimizer step over ``train.grad_accum`` micro-batches, or, for a stage
+        with an ``iteration(loop)`` method (PPO: a rollout and its updates), one iteration:
+        ``(loss, figures, tokens, grad_norm)`` as the default step returns them.
+        """
         tc, stage, net = self.cfg.train, self.stage, self.loaded.net
         net.train()
         bar = Progress(self.total_steps, self.step, tc.progress, stage.name)
-        batches = stage.batches(self.epoch)
-        params = [p for p in net.parameters() if p.requires_grad]
+        self._params = [p for p in net.parameters() if p.requires_grad]
+        step = getattr(stage, "iteration", None)
         t_log, tokens_log = time.perf_counter(), 0
         while self.step < self.total_steps:
-            window = []
-            while len(window) < tc.grad_accum:
-                if self.micro >= len(batches):
-                    self.epoch += 1
-                    self.micro = 0
-                    batches = stage.batches(self.epoch)
-                window.append(batches[self.micro])
-                self.micro += 1
-            # Normalized over the whole window: every unit weighs the same.
-            count = sum(stage.count(b) for b in window)
-            step_loss, sums = 0.0, {}
-            for b in window:
-                loss_sum, figures = stage.loss(b)
-                (loss_sum / count).backward()
-                step_loss += loss_sum.item()
-                for k, v in figures.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                tokens_log += int(b["n_real"])
-            grad_norm = None
-            if tc.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
-            loss = step_loss / count
-            check_finite(self.step + 1, loss, grad_norm, self.run_dir)
             lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
+            loss, figures, tokens, grad_norm = step(self) if step else self._window_step()
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=False)
             self.step += 1
-            figures = {k: v / count for k, v in sums.items()}
+            tokens_log += tokens
             if self.step % tc.log_every == 0 or self.step == self.total_steps:
                 dt = time.perf_counter() - t_log
-                row = {"step": self.step, "epoch": round(self.epoch + self.micro / len(batches), 4),
+                row = {"step": self.step, "epoch": round(self.epoch_progress, 4),
                        "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(tokens_log / dt, 2)}
-                row.update({k: round(v, 6) for k, v in figures.items()})
+                row.update({k: round(v, 6) if isinstance(v, float) else v
+                            for k, v in figures.items()})
                 if grad_norm is not None:
                     row["grad_norm"] = round(grad_norm, 6)
                 self.metrics.write(row)
-                bar.update(loss=loss, **{k: v for k, v in figures.items() if k == "accuracy"},
-                           tok_s=round(tokens_log / dt))
+                shown = {k: v for k, v in figures.items() if k in ("accuracy", "reward_mean")}
+                bar.update(loss=loss, **shown, tok_s=round(tokens_log / dt))
                 t_log, tokens_log = time.perf_counter(), 0
             else:
                 bar.update(loss=loss)
@@ -744,5 +786,6 @@ class Loop:
 
         return save_checkpoint(
             self.run_dir, self.step, self.loaded, self.optimizer, self.scheduler,
-            {"epoch": self.epoch, "micro": self.micro, "data_order": self.data_order},
+            {"epoch": self.epoch, "micro": self.micro, "data_order": self.data_order,
+             **({"stage": self.stage.state()} if hasattr(self.stage, "state") else {})},
             self.cfg.train.keep_checkpoints, save_trainable)

@@ -392,11 +392,12 @@ def test_rms_norm_and_fp32_flash_attention_match_the_stock_math():
     mask = torch.tril(torch.ones(7, 7, dtype=torch.bool))[None, None].repeat(2, 1, 1, 1)
     mask[1, 0, :, 5:] = False
     mask[1, 0, 5:, 5:] = torch.eye(2, dtype=torch.bool)
-    out = fused._Fp32FlashAttention.apply(q, k, v, mask, 0.25, False)
+    out = fused._Fp32FlashAttention.apply(q, k, v, mask, 0.25, False)  # [batch, T, heads, dim]
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=0.25, enable_gqa=True)
+    ref = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=0.25,
+                                         enable_gqa=True).transpose(1, 2)
     ref_grads = torch.autograd.grad(ref, (qf, kf, vf), g.float())
     assert torch.allclose(out.float(), ref, atol=1e-2)
     for a, b in zip(grads, ref_grads):

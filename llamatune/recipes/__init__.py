@@ -11,7 +11,7 @@ from typing import Protocol
 
 from llamatune.errors import UserError
 
-__all__ = ["STAGE_DATA", "Recipe", "claim_stage", "resolve_adapter_dir", "stage_data"]
+__all__ = ["STAGE_DATA", "Recipe", "claim_stage", "stage_data"]
 
 STAGE_DATA = {"sft": "conversations", "rm": "pairs", "dpo": "pairs", "ppo": "prompts"}
 """The kind of data each training stage reads (see :mod:`llamatune.data.prepare`)."""
@@ -31,21 +31,6 @@ class Recipe(Protocol):
 
     def cleanup(self) -> None:
         """Write the final outputs into the run directory."""
-
-
-def resolve_adapter_dir(path: str, key: str = "model.adapter") -> str:
-    """A run directory or adapter folder holding ``adapter_config.json``.
-
-    Raises:
-        UserError: No adapter there.
-    """
-    p = Path(path).expanduser()
-    if (p / "adapter_config.json").is_file():
-        return str(p)
-    raise UserError(
-        f"{key} {path}: no adapter_config.json there; point it at a finished llamatune run "
-        "directory (or a peft adapter folder)."
-    )
 
 
 def claim_stage(cfg, command: str, recipe_path: str | None = None) -> None:

@@ -29,12 +29,9 @@ from pathlib import Path
 
 from llamatune import training
 from llamatune.config import Config
-from llamatune.errors import UserError
 
 __all__ = ["DPORecipe", "dpo_loss", "main"]
 
-REFERENCE_DIR = "reference_adapter"
-"""Where a DPO run keeps the copy of the starting adapter its reference needs (to resume)."""
 
 
 def dpo_loss(policy, reference, counts, beta: float, loss: str, label_smoothing: float = 0.0):
@@ -78,22 +75,6 @@ def dpo_loss(policy, reference, counts, beta: float, loss: str, label_smoothing:
     return per.sum(), figures
 
 
-def _start_adapter(cfg: Config) -> str | None:
-    """The SFT run to start from, checked before anything is written (``None``: the base)."""
-    if cfg.model.adapter is None:
-        return None
-    kept = Path(cfg.output_dir).expanduser() / REFERENCE_DIR
-    if cfg.resume and (kept / "adapter_config.json").is_file():
-        return str(kept)  # the copy this run made, even if the SFT run has moved since
-    from llamatune.rundir import Run, adapter_dir, is_finished
-
-    folder = adapter_dir(cfg.model.adapter)
-    if is_finished(folder) and Run.open(folder).stage == "rm":
-        raise UserError(f"model.adapter {cfg.model.adapter} is a reward model; llamatune dpo "
-                        "starts from an SFT run (or the base, with model.adapter unset).")
-    return folder
-
-
 class DPORecipe:
     """DPO of a LoRA policy against its starting model, on preference pairs."""
 
@@ -107,10 +88,10 @@ class DPORecipe:
         """Validate inputs, tokenize, load policy and reference on one base, resume if asked."""
         from llamatune import model as loader
         from llamatune.net import BASE
-        from llamatune.rundir import keep_copy
+        from llamatune.rundir import REFERENCE_DIR, keep_copy, starting_adapter
 
         cfg = self.cfg
-        start = _start_adapter(cfg)
+        start = starting_adapter(cfg, "llamatune dpo", REFERENCE_DIR)
         begun = training.start(cfg, "pairs", "llamatune dpo", self.recipe_path)
         self.run_dir, data = begun.run_dir, begun.data
         self.train_samples, self.eval_samples = data.train, data.eval

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from llamatune import training
 from llamatune.config import Config
-from llamatune.errors import UserError
 
 __all__ = ["RewardRecipe", "main"]
 
@@ -48,21 +47,6 @@ def _pair_loss(rewards, center_coef: float, margin: float):
     return loss, n, int((diff > 0).sum()), float(diff.detach().sum())
 
 
-def _start_adapter(cfg: Config) -> str | None:
-    """The SFT run to start from, checked before anything is written."""
-    if cfg.model.adapter is None:
-        return None
-    from llamatune.rundir import Run, adapter_dir, is_finished
-
-    folder = adapter_dir(cfg.model.adapter)
-    if is_finished(folder) and Run.open(folder).stage == "rm":
-        raise UserError(
-            f"model.adapter {cfg.model.adapter} is a reward model; llamatune rm starts from an "
-            "SFT run (a causal-LM adapter). To continue a reward run, use resume=true with "
-            "its output_dir.")
-    return folder
-
-
 class RewardRecipe:
     """A LoRA reward model with a scalar score head, on preference pairs."""
 
@@ -75,9 +59,10 @@ class RewardRecipe:
     def setup(self) -> None:
         """Validate inputs, tokenize, load the model and optimizer, resume if asked."""
         from llamatune import model as loader
+        from llamatune.rundir import starting_adapter
 
         cfg = self.cfg
-        sft = _start_adapter(cfg)
+        sft = starting_adapter(cfg, "llamatune rm")
         begun = training.start(cfg, "pairs", "llamatune rm", self.recipe_path)
         self.run_dir, data = begun.run_dir, begun.data
         self.train_samples, self.eval_samples = data.train, data.eval
