@@ -20,9 +20,9 @@ _TRAIN_STAGES = {
     "sft": ("llamatune.recipes.sft", "supervised fine-tuning on conversations"),
     "rm": ("llamatune.recipes.reward", "reward model on preference pairs"),
     "dpo": ("llamatune.recipes.dpo", "DPO on preference pairs (the offline alternative to RM+PPO)"),
+    "ppo": ("llamatune.recipes.ppo", "PPO (or RLOO/GRPO) against a reward model or a reward rule"),
 }
 _PLANNED = {
-    "ppo": "PPO against a reward model",
     "pipeline": "SFT -> RM -> PPO in one command",
 }
 

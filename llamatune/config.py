@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "DPOConfig",
     "DataConfig",
+    "PPOConfig",
     "LoraConfig",
     "ModelConfig",
     "RewardConfig",
@@ -293,6 +294,90 @@ class DPOConfig:
         return out
 
 
+@dataclass
+class PPOConfig:
+    """Reinforcement learning from a reward (``llamatune ppo``): PPO, or RLOO/GRPO."""
+
+    advantage: str = field(default="gae", metadata=_choice("gae", "rloo", "grpo"))
+    """``gae``: PPO with a value head and generalized advantage estimation; ``rloo`` and
+    ``grpo``: no critic, each completion measured against the other ``ppo.k`` of its prompt."""
+    reward_model: str | None = None
+    """A reward-model run directory (the output of ``llamatune rm``)."""
+    reward_fn: str | None = None
+    """A Python reward, ``module:function`` (or ``path/to/file.py:function``), called as
+    ``function(prompts, responses, **fields) -> list[float]``."""
+    rollout_batch: int = 8
+    """Prompts per iteration (each sampled ``ppo.k`` times)."""
+    k: int = 1
+    """Completions per prompt (2 or more for ``rloo`` and ``grpo``)."""
+    epochs: int = 1
+    """PPO epochs over each rollout batch (mini-batches of ``train.batch_size`` sequences)."""
+    max_new_tokens: int = 64
+    """Longest response; one that reaches it without the template's end token is truncated."""
+    temperature: float = 1.0
+    """Sampling temperature; the training forwards divide the logits by it too."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    kl_coef: float = 0.05
+    """Weight of the per-token KL penalty against the reference in the reward."""
+    kl_target: float | None = None
+    """Adaptive KL coefficient: steer the mean KL towards this (``null``: fixed coefficient)."""
+    kl_horizon: int = 10000
+    """How fast the adaptive coefficient moves (in sequences)."""
+    max_kl: float | None = None
+    """Stop the run (keeping the last checkpoint) when an iteration's mean KL exceeds this."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """GAE's lambda."""
+    cliprange: float = 0.2
+    """Clip of the policy ratio."""
+    cliprange_value: float = 0.2
+    """Clip of the value update around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    ratio_threshold: float = 10.0
+    """Skip a mini-batch whose mean ratio exceeds this (a broken or stale mini-batch)."""
+    missing_eos_penalty: float | None = None
+    """Added to the reward of a response that ends without the template's end token."""
+    reward_clip: float | None = None
+    """Clip rewards to ``[-reward_clip, reward_clip]``."""
+    reward_norm: bool = False
+    """Normalize rewards by the running mean and standard deviation."""
+    value: str = field(default="shared", metadata=_choice("shared", "separate"))
+    """``gae``'s value head: on the policy adapter's hidden states (one forward pass), or on
+    an adapter of its own."""
+    sample_every: int = 10
+    """Write sample responses to ``samples.jsonl`` every N iterations (0: never)."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Cross-field checks.
+
+        Returns:
+            ``(key, message)`` pairs, empty when the section is valid.
+        """
+        out = []
+        for key in ("rollout_batch", "k", "epochs", "max_new_tokens", "kl_horizon"):
+            if getattr(self, key) < 1:
+                out.append((f"ppo.{key}", f"must be >= 1, got {getattr(self, key)}"))
+        if self.advantage in ("rloo", "grpo") and self.k < 2:
+            out.append(("ppo.k", f"must be >= 2 for ppo.advantage={self.advantage} (it compares "
+                        f"the completions of a prompt), got {self.k}"))
+        if self.temperature <= 0:
+            out.append(("ppo.temperature", f"must be > 0, got {self.temperature}"))
+        if not 0 < self.top_p <= 1:
+            out.append(("ppo.top_p", f"must be in (0, 1], got {self.top_p}"))
+        if self.kl_coef < 0:
+            out.append(("ppo.kl_coef", f"must be >= 0, got {self.kl_coef}"))
+        for key in ("gamma", "lam"):
+            if not 0 <= getattr(self, key) <= 1:
+                out.append((f"ppo.{key}", f"must be in [0, 1], got {getattr(self, key)}"))
+        for key in ("cliprange", "cliprange_value", "ratio_threshold"):
+            if getattr(self, key) <= 0:
+                out.append((f"ppo.{key}", f"must be > 0, got {getattr(self, key)}"))
+        return out
+
+
 STAGES = ("sft", "rm", "dpo", "ppo", "pipeline")
 """The stage commands a recipe can name in its ``stage:`` key."""
 
@@ -310,6 +395,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     output_dir: str = "runs/default"
     """The run directory."""
     resume: bool = False
@@ -327,7 +413,8 @@ class Config:
             ``(key, message)`` pairs, empty when the config is valid.
         """
         out = []
-        for sec in (self.model, self.lora, self.data, self.train, self.reward, self.dpo):
+        for sec in (self.model, self.lora, self.data, self.train, self.reward, self.dpo,
+                    self.ppo):
             out.extend(sec.problems())
         if not self.output_dir:
             out.append(("output_dir", "must not be empty"))
@@ -335,6 +422,9 @@ class Config:
             out.append(("lora.enabled", f"is false: that trains every weight, which a "
                         f"{self.model.quantization} base cannot do; set lora.enabled=true or "
                         "model.quantization=none"))
+        if self.stage == "ppo" and (self.ppo.reward_model is None) == (self.ppo.reward_fn is None):
+            out.append(("ppo.reward_model", "or ppo.reward_fn: set exactly one (a reward-model "
+                        "run directory, or a module:function reward)"))
         if not self.lora.enabled and self.model.dtype in ("bfloat16", "float16"):
             out.append(("model.dtype", f"is {self.model.dtype}, but lora.enabled=false trains "
                         "every weight and trainable weights keep float32 master weights; use "

@@ -95,13 +95,17 @@ class Net(torch.nn.Module):
 
     # -- the ops -----------------------------------------------------------------------------
     def forward(self, op: str, batch: dict, *, adapter: str | None = None, head: str = "score",
-                temperature: float = 1.0, entropy: bool = False):
-        """Run one named op (see the module docstring); ``adapter`` picks the weights."""
+                temperature: float = 1.0, entropy: bool = False, values: str | None = None):
+        """Run one named op (see the module docstring); ``adapter`` picks the weights.
+
+        ``values=HEAD`` with ``logprobs`` also returns that head's values at every position
+        that predicts a token (``[n, T - 1]``, PPO's critic on the policy's hidden states).
+        """
         with self.using(adapter):
             if op == "lm_loss":
                 return self._lm_loss(batch)
             if op == "logprobs":
-                return self._logprobs(batch, temperature, entropy)
+                return self._logprobs(batch, temperature, entropy, values)
             if op == "score":
                 return self._score(batch, head)
             if op == "values":
@@ -124,7 +128,7 @@ class Net(torch.nn.Module):
             loss = F.cross_entropy(out(h).float(), labels[mask], reduction="sum")
         return loss, mask.sum()
 
-    def _logprobs(self, batch, temperature, entropy):
+    def _logprobs(self, batch, temperature, entropy, values=None):
         hidden = self._hidden(batch)
         if "pred_pos" in batch:  # pair rows: explicit (position, label, side) predictions
             labels = batch["pred_label"]
@@ -161,6 +165,8 @@ class Net(torch.nn.Module):
         out = {"logp": logp, "seq": seq, "count": count, "mask": mask}
         if ent is not None:
             out["entropy"] = ent
+        if values is not None:
+            out["values"] = self.heads[values](hidden[:, :-1]).float()
         return out
 
     def _score(self, batch, head):

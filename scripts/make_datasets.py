@@ -13,6 +13,7 @@ Files written (see ``datasets/README.md``, which this script also writes):
 * ``preference_messages.jsonl``: the first 40 preference pairs as full message transcripts.
 * ``prompts.jsonl``: short user questions for a PPO stage.
 * ``messages.jsonl``: OpenAI style ``messages`` conversations.
+* ``arithmetic.jsonl``: two-digit additions with their answers (a verifiable PPO reward).
 
 Usage::
 
@@ -2513,6 +2514,30 @@ def build_prompts(rng: random.Random) -> list[dict]:
     return rows
 
 
+N_ARITHMETIC = 600
+
+
+def build_arithmetic(rng: random.Random, n: int = N_ARITHMETIC) -> list[dict]:
+    """Build two-digit addition prompts with their answers, for a verifiable PPO reward.
+
+    Args:
+        rng: Source of randomness.
+        n: Rows (distinct ordered pairs of operands).
+
+    Returns:
+        ``{"prompt", "answer"}`` rows; ``answer`` is the sum as a string.
+    """
+    seen: set[tuple[int, int]] = set()
+    rows = []
+    while len(rows) < n:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if (a, b) in seen:
+            continue
+        seen.add((a, b))
+        rows.append({"prompt": f"What is {a} + {b}?", "answer": str(a + b)})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write rows as UTF-8 JSON Lines, one compact object per line.
 
@@ -2613,6 +2638,12 @@ The first {counts["preference_messages.jsonl"]} rows of `preference.jsonl` in th
 Fields: `prompt` (str): short user questions on varied topics for a PPO stage. None of them is
 copied from the other files.
 
+### `arithmetic.jsonl` ({counts["arithmetic.jsonl"]} rows) - format `prompts`
+
+Fields: `prompt` (str): "What is A + B?" with two-digit A and B (distinct ordered pairs),
+`answer` (str): the sum. For PPO/GRPO with the rule reward `llamatune.rewards:last_integer`
+(right answer = the last integer of the response); hold some rows out with `data.eval_split`.
+
 ### `messages.jsonl` ({counts["messages.jsonl"]} rows) - format `messages`
 
 Fields: `messages`: OpenAI style `{{"role", "content"}}` lists (`system` / `user` /
@@ -2666,6 +2697,7 @@ def main(argv: list[str] | None = None) -> None:
         "preference_messages.jsonl": preference_messages(pairs),
         "prompts.jsonl": build_prompts(stream("prompts")),
         "messages.jsonl": build_messages(stream("messages"), message_cards, by_topic),
+        "arithmetic.jsonl": build_arithmetic(stream("arithmetic")),
     }
     counts = {}
     for name, rows in files.items():

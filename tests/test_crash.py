@@ -36,6 +36,15 @@ def _stage_recipe(stage, root, model_dir, alpaca_file):
                   lora={"dropout": 0.1}, model={"dtype": "float32"})
     if stage == "sft":
         return make_recipe(root, model_dir, alpaca_file, **common)
+    if stage == "ppo":
+        from test_ppo import _prompts, _reward_file
+
+        root.mkdir(parents=True, exist_ok=True)
+        reward = f"{_reward_file(root)}:starts_with_t"
+        return make_recipe(root, model_dir, _prompts(root), stage="ppo",
+                           data={"format": "prompts", "template": "chatml", "eval_split": 0},
+                           ppo={"reward_fn": reward, "rollout_batch": 4, "k": 2,
+                                "max_new_tokens": 6, "sample_every": 0}, **common)
     sections = _cfg_sections(**common)
     sections["stage"] = stage  # rm or dpo: both train on preference pairs
     root.mkdir(parents=True, exist_ok=True)
@@ -61,7 +70,7 @@ def _kill_at_random_moment(argv, run, seed):
     return after
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo"])
 def test_kill_9_then_resume_gives_every_loss_row_of_an_uninterrupted_run(
         stage, tmp_path, tiny_model_dir, alpaca_file):
     straight = _stage_recipe(stage, tmp_path / "straight", tiny_model_dir, alpaca_file)

@@ -274,7 +274,7 @@ def test_optimizer_state_made_up_front_trains_identically():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo"])
 def test_every_stage_trains_on_the_lean_kernels(stage, tmp_path, tiny_model_dir, alpaca_file):
     """Installed after every adapter exists: all LoRA layers of every stage are switched."""
     from conftest import make_recipe, write_jsonl
@@ -283,16 +283,21 @@ def test_every_stage_trains_on_the_lean_kernels(stage, tmp_path, tiny_model_dir,
 
     from llamatune.config import load_config
     from llamatune.fused import is_fused
-    from llamatune.recipes import dpo, reward, sft
+    from llamatune.recipes import dpo, ppo, reward, sft
 
     if stage == "sft":
         path = make_recipe(tmp_path, tiny_model_dir, alpaca_file)
+    elif stage == "ppo":
+        from test_ppo import _recipe
+
+        path = _recipe(tmp_path, tiny_model_dir)[1]
     else:
         tmp_path.mkdir(exist_ok=True)
         sections = dict(_cfg_sections(), stage=stage)
         path = make_recipe(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "p.jsonl", _pairs()),
                            **sections)
-    cls = {"sft": sft.SFTRecipe, "rm": reward.RewardRecipe, "dpo": dpo.DPORecipe}[stage]
+    cls = {"sft": sft.SFTRecipe, "rm": reward.RewardRecipe, "dpo": dpo.DPORecipe,
+           "ppo": ppo.PPORecipe}[stage]
     r = cls(load_config(path), str(path))
     r.setup()
     layers = [m for m in r.net.modules() if isinstance(m, LoraLayer)]

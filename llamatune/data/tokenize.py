@@ -28,7 +28,7 @@ from llamatune.errors import UserError
 __all__ = ["Stats", "tokenize_conversations", "tokenize_preferences", "tokenize_prompts",
            "tokenizer_fingerprint"]
 
-_CACHE_VERSION = "4"
+_CACHE_VERSION = "5"
 
 
 @dataclass
@@ -245,8 +245,9 @@ def tokenize_prompts(
     """Tokenize prompt records up to the open assistant turn (what generation is fed).
 
     Returns:
-        ``{"input_ids", "fields"}`` samples (``fields``: the row's other fields, for reward
-        functions; prompts longer than ``max_length`` are dropped and counted) and the counts.
+        ``{"input_ids", "messages", "fields"}`` samples (``fields``: the row's other fields,
+        for reward functions; prompts longer than ``max_length`` are dropped and counted) and
+        the counts.
     """
     key = [(r["messages"], r.get("fields")) for r in records]
     path = _cache_path(cache_root, "prompt", key, tokenizer, template, system, max_length, "drop")
@@ -261,8 +262,8 @@ def tokenize_prompts(
             stats.dropped_too_long += 1
             continue
         bos_ok, _ = _check(r.input_ids, r.labels, r.bos_id, True, set(), rec["loc"], stats)
-        samples.append({"input_ids": r.input_ids, "fields": rec.get("fields") or {},
-                        "group": rec.get("group")})
+        samples.append({"input_ids": r.input_ids, "messages": rec["messages"],
+                        "fields": rec.get("fields") or {}, "group": rec.get("group")})
         stats.samples += 1
         stats.bos_ok += bos_ok
         stats.tokens += len(r.input_ids)
