@@ -344,9 +344,6 @@ class PPOConfig:
     """Clip rewards to ``[-reward_clip, reward_clip]``."""
     reward_norm: bool = False
     """Normalize rewards by the running mean and standard deviation."""
-    value: str = field(default="shared", metadata=_choice("shared", "separate"))
-    """``gae``'s value head: on the policy adapter's hidden states (one forward pass), or on
-    an adapter of its own."""
     sample_every: int = 10
     """Write sample responses to ``samples.jsonl`` every N iterations (0: never)."""
 

@@ -97,6 +97,24 @@ def keep_mask(x: torch.Tensor, p: float, seed: int | None = None) -> tuple[torch
 
 
 _HALF = (torch.bfloat16, torch.float16)
+_CASTS: dict = {}
+
+
+def _cast(weight, dtype):
+    """Return ``weight.to(dtype)``, cached until the weight changes.
+
+    An optimizer step bumps the weight's version; decoding calls every adapter once per token
+    with the same weights, so the cast is paid once per update instead of once per token.
+    """
+    if weight.dtype == dtype:
+        return weight
+    key = id(weight)
+    hit = _CASTS.get(key)
+    if hit is not None and hit[0] is weight and hit[1] == (weight._version, dtype):
+        return hit[2]
+    cast = weight.detach().to(dtype)
+    _CASTS[key] = (weight, (weight._version, dtype), cast)
+    return cast
 
 
 class _LoraBranch(torch.autograd.Function):
@@ -114,7 +132,7 @@ class _LoraBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a_weight, b_weight, scaling, p, seed, base):
         cd = x.dtype if x.dtype in _HALF else a_weight.dtype
-        a, b = a_weight.to(cd), b_weight.to(cd)
+        a, b = _cast(a_weight, cd), _cast(b_weight, cd)
         keep_scale = 1.0
         if p > 0:
             keep, keep_scale = keep_mask(x, p, seed)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Responses", "dense", "generate", "response_batch"]
+__all__ = ["Responses", "dense", "generate", "response_batch", "sample_next"]
 
 
 @dataclass
@@ -27,10 +27,36 @@ class Responses:
     """Whether the response ended with a stop token (within ``max_new_tokens``)."""
 
 
+def sample_next(logits, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False):
+    """Pick one token per row from ``[n, vocab]`` logits.
+
+    Greedy, or sampled at ``temperature`` within the ``top_p`` nucleus by inverse CDF: one
+    uniform draw a row from torch's global generator, where ``torch.multinomial`` draws one per
+    vocabulary entry.
+    """
+    import torch
+
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        cum = sorted_p.cumsum(-1)
+        sorted_p = sorted_p.masked_fill(cum - sorted_p > top_p, 0.0)  # keep the top-p nucleus
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
 def generate(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int],
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
              greedy: bool = False, batch_size: int | None = None) -> Responses:
-    """Sample (or greedily decode) one response per prompt.
+    """Sample (or greedily decode) one response per prompt, with the KV cache.
+
+    A plain decoding loop over the model's forward (positions counted over real tokens, the
+    head applied to the last position only), so sampling is the cheap inverse-CDF draw of
+    :func:`sample_next` rather than a random number per vocabulary entry.
 
     Args:
         model: The causal LM (peft-wrapped: its active adapter generates).
@@ -41,7 +67,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int],
         temperature: Sampling temperature (ignored when ``greedy``).
         top_p: Nucleus sampling (ignored when ``greedy``).
         greedy: Decode greedily.
-        batch_size: Prompts per ``generate`` call (``None``: all at once).
+        batch_size: Prompts per decoding batch (``None``: all at once).
 
     Returns:
         The :class:`Responses`, in the order of ``prompts``. Sampling draws from torch's
@@ -54,28 +80,43 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int],
     model.eval()
     ids_out, ended_out = [], []
     step = batch_size or len(prompts)
+    device = next(model.parameters()).device
+    stops = torch.tensor(list(stop_ids), device=device)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
     try:
         for start in range(0, len(prompts), step):
             part = prompts[start : start + step]
             width = max(len(p) for p in part)
-            ids = torch.full((len(part), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(part), width), dtype=torch.long)
+            ids = torch.full((len(part), width), pad, dtype=torch.long, device=device)
+            mask = torch.zeros((len(part), width), dtype=torch.long, device=device)
             for i, p in enumerate(part):
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
-            device = next(model.parameters()).device
-            kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids),
-                          pad_token_id=pad, use_cache=True)
-            if greedy:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            else:
-                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            done = torch.zeros(len(part), dtype=torch.bool, device=device)
+            out_tokens = []
             with torch.no_grad():
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     **kwargs)
-            for row in out[:, width:].tolist():
+                out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
+                              use_cache=True)
+                for _ in range(max_new_tokens):
+                    # The head on the last position only (a contiguous [n, d]: a strided slice
+                    # sends torch's linear down a batched path that copies the head per row).
+                    logits = head(out.last_hidden_state[:, -1].contiguous())
+                    nxt = sample_next(logits, temperature, top_p, greedy)
+                    nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                    out_tokens.append(nxt)
+                    done |= torch.isin(nxt, stops)
+                    if bool(done.all()) or len(out_tokens) == max_new_tokens:
+                        break
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                    pos = pos[:, -1:] + 1
+                    out = decoder(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                                  past_key_values=out.past_key_values, use_cache=True)
+            rows = torch.stack(out_tokens, dim=1).tolist()
+            for row in rows:
                 cut = next((i for i, t in enumerate(row) if t in stop_ids), None)
-                ids_out.append(row[: cut + 1] if cut is not None else row[:max_new_tokens])
+                ids_out.append(row[: cut + 1] if cut is not None else row)
                 ended_out.append(cut is not None)
     finally:
         model.train(was_training)
