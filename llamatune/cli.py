@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from llamatune import __version__
 from llamatune.config import ConfigError
@@ -47,12 +48,20 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"{help_} (not yet available)")
         _recipe_args(p)
 
-    p = sub.add_parser("generate", help="print one completion from a run or model folder")
+    p = sub.add_parser("generate", help="answer one prompt, or every row of a file, with a run "
+                       "or model folder")
     p.add_argument("path", help="run directory (base + adapter) or model folder")
-    p.add_argument("--prompt", required=True, help="the user message")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the user message (the answer is printed)")
+    what.add_argument("--data", help="JSONL/JSON/CSV/Parquet prompts file: one answer per row")
+    p.add_argument("--out", help="with --data: the JSONL file to write, one row per input row")
+    p.add_argument("--field", default="prompt", help="with --data: the prompt field's name")
     p.add_argument("--system", default=None, help="system prompt (default: the run's)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus for sampling")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("chat", help="interactive chat with a run or model folder")
@@ -206,13 +215,37 @@ def _cmd_env(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from llamatune.generate import load_for_inference
+    from llamatune.generate import generate_file, load_for_inference, read_prompts
 
+    if args.data is not None and not args.out:
+        raise UserError("generate --data needs --out FILE (the answers, one JSON line per row).")
+    if args.out and args.data is None:
+        raise UserError("generate --out goes with --data FILE; --prompt prints its answer.")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.batch_size < 1 \
+            or args.max_new_tokens < 1:
+        raise UserError("generate: --temperature must be >= 0, --top-p in (0, 1], "
+                        "--batch-size and --max-new-tokens >= 1.")
+    records = None
+    if args.data is not None:
+        src, dst = Path(args.data).expanduser(), Path(args.out).expanduser()
+        if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+            raise UserError(f"--out {args.out} is the input file; write the answers elsewhere.")
+        records = read_prompts(args.data, args.field)  # checked before the model loads
     bot = load_for_inference(args.path, args.device)
     if args.system is not None:
         bot.system = args.system
-    print(bot.reply([{"role": "user", "content": args.prompt}],
-                    max_new_tokens=args.max_new_tokens, temperature=args.temperature))
+    if records is None:
+        import torch
+
+        torch.manual_seed(args.seed)
+        print(bot.reply([{"role": "user", "content": args.prompt}],
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p))
+        return 0
+    n = generate_file(bot, records, args.out, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p,
+                      batch_size=args.batch_size, seed=args.seed, field=args.field)
+    print(f"wrote {n} answers to {args.out}")
     return 0
 
 

@@ -1,10 +1,12 @@
 """Talk to a trained run (base + adapter) or a model folder, in the run's own template.
 
 ``llamatune generate RUN_DIR --prompt TEXT`` prints one completion;
-``llamatune chat RUN_DIR`` keeps a conversation going. A run directory carries its config
-(base model, quantization, template, system prompt) and tokenizer, so nothing else is
-needed. A plain model folder (for example a merged model) is used with its tokenizer's
-own chat template.
+``llamatune generate RUN_DIR --data FILE --out FILE`` answers every row of a prompts file (one
+JSON line out per row, in order); ``llamatune chat RUN_DIR`` keeps a conversation going. All of
+them decode with the rollout code of ``llamatune ppo`` (batched, left-padded, KV cache).
+A run directory carries its config (base model, quantization, template, system prompt) and
+tokenizer, so nothing else is needed. A plain model folder (for example a merged model) is
+used with its tokenizer's own chat template.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from llamatune.errors import UserError
 
-__all__ = ["Chatbot", "load_for_inference"]
+__all__ = ["Chatbot", "generate_file", "load_for_inference", "read_prompts"]
 
 
 @dataclass
@@ -32,22 +34,36 @@ class Chatbot:
     def reply(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
               top_p: float = 1.0) -> str:
         """Generate the next assistant turn for a conversation ending with a user turn."""
-        import torch
+        return self.complete([messages], max_new_tokens, temperature, top_p)[0][0]
 
+    def complete(self, conversations: list[list[dict]], max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0,
+                 batch_size: int = 8) -> list[tuple[str, bool]]:
+        """Answer many conversations in batches, with PPO's rollout code.
+
+        Args:
+            conversations: Each ends with a user turn.
+            max_new_tokens: Longest answer.
+            temperature: 0 decodes greedily; above 0 samples (seed torch for repeatability).
+            top_p: Nucleus for sampling.
+            batch_size: Conversations decoded together (left-padded, with the KV cache).
+
+        Returns:
+            ``(answer, ended)`` per conversation, in order; ``ended`` is False when the answer
+            reached ``max_new_tokens`` without the template's end token.
+        """
         from llamatune.data.templates import render, stop_token_ids
+        from llamatune.rollout import generate
 
-        r = render(self.tokenizer, self.template, messages, system=self.system,
-                   add_generation_prompt=True)
-        ids = torch.tensor([r.input_ids], device=self.device)
-        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(
-            self.tokenizer, self.template), pad_token_id=self.tokenizer.pad_token_id)
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        with torch.no_grad():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        stops = stop_token_ids(self.tokenizer, self.template)
+        prompts = [render(self.tokenizer, self.template, m, system=self.system,
+                          add_generation_prompt=True).input_ids for m in conversations]
+        out = generate(self.model, self.tokenizer, prompts, stop_ids=stops,
+                       max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
+                       top_p=top_p, greedy=temperature <= 0, batch_size=batch_size)
+        texts = [self.tokenizer.decode([t for t in r if t not in stops],
+                                       skip_special_tokens=True).strip() for r in out.ids]
+        return list(zip(texts, out.ended))
 
 
 def load_for_inference(path: str, device: str = "auto") -> Chatbot:
@@ -106,3 +122,68 @@ def chat_loop(bot: Chatbot, max_new_tokens: int, temperature: float) -> None:
         answer = bot.reply(history, max_new_tokens=max_new_tokens, temperature=temperature)
         history.append({"role": "assistant", "content": answer})
         print(f"bot> {answer}", flush=True)
+
+
+def read_prompts(data: str, field: str = "prompt") -> list[dict]:
+    """Read a prompts file for :func:`generate_file` (the ``prompts`` data format).
+
+    Rows are JSON objects whose ``field`` is a user message or a list of ``role``/``content``
+    turns ending with a user turn; every other field is kept.
+
+    Raises:
+        UserError: The file is missing or empty, or rows are malformed (naming file and line).
+    """
+    from llamatune.data.formats import read_records
+
+    return read_records(data, "prompts", {"prompt": field}, key="--data",
+                        hint="Fix the rows, or name the prompt field with --field.")
+
+
+def generate_file(bot: Chatbot, records: list[dict], out: str, *, max_new_tokens: int = 256,
+                  temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8,
+                  seed: int = 0, field: str = "prompt") -> int:
+    """Answer every prompt record and write one JSON line per record, in order.
+
+    Each output row is the input row (its ``field`` and every other field) plus ``response``
+    and ``ended`` (False when the answer hit ``max_new_tokens`` without the end token). The
+    file is written under a temporary name and renamed when complete, so an interrupted run
+    leaves nothing behind.
+
+    Args:
+        bot: The model, from :func:`load_for_inference`.
+        records: From :func:`read_prompts`.
+        out: The JSONL file to write.
+        max_new_tokens: Longest answer.
+        temperature: 0 decodes greedily.
+        top_p: Nucleus for sampling.
+        batch_size: Prompts decoded together.
+        seed: Seeds torch before sampling.
+        field: The prompt field's name in the output rows.
+
+    Returns:
+        The number of rows written.
+    """
+    import json
+    import os
+    import tempfile
+
+    import torch
+
+    dst = Path(out).expanduser()
+    torch.manual_seed(seed)
+    answers = bot.complete([r["messages"] for r in records], max_new_tokens, temperature, top_p,
+                           batch_size)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for rec, (text, ended) in zip(records, answers):
+                msgs = rec["messages"]
+                prompt = msgs if len(msgs) > 1 else msgs[0]["content"]
+                row = {field: prompt, **rec["fields"], "response": text, "ended": ended}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(records)

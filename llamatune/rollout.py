@@ -76,6 +76,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int],
     import torch
 
     pad = tokenizer.pad_token_id
+    if pad is None:  # a bare tokenizer: padding is masked out, any id will do
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     was_training = model.training
     model.eval()
     ids_out, ended_out = [], []

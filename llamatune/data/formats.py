@@ -350,6 +350,7 @@ def read_records(
     fields: dict | None = None,
     group_by: str | None = None,
     key: str = "data.path",
+    hint: str | None = None,
 ) -> list[dict]:
     """Read and validate every row of a data source.
 
@@ -359,6 +360,7 @@ def read_records(
         fields: Canonical field name to the name used in the file.
         group_by: Row field copied into each record's ``group`` (for grouped eval splits).
         key: The recipe key that named ``path``, for error messages.
+        hint: What to tell the user about bad rows (default: fix them or map ``data.fields``).
 
     Returns:
         Canonical records, in file order.
@@ -391,8 +393,8 @@ def read_records(
     if errors:
         shown = "; ".join(errors[:MAX_REPORTED])
         more = f" (and {len(errors) - MAX_REPORTED} more)" if len(errors) > MAX_REPORTED else ""
-        hint = ("Fix the rows, or map your field names with data.fields (e.g. "
-                "data.fields={output: response}).")
+        hint = hint or ("Fix the rows, or map your field names with data.fields (e.g. "
+                        "data.fields={output: response}).")
         if group_by and all(f"field {group_by!r} is missing" in e for e in errors):
             hint = (f"data.eval_group_by={group_by} holds out whole groups named by that field, "
                     "so every row needs it; add it, or hold out rows instead by removing "
