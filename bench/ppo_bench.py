@@ -13,8 +13,11 @@ checkpointing, bf16 where bf16 is fast). Each runs in a fresh subprocess, interl
 
 Per run: seconds per update (the training call's wall time / updates), peak RSS (``ru_maxrss``),
 and the sampled reward of the first and the last fifth of the updates. A third child runs
-``llamatune sft recipes/alpaca.yaml`` for ``--sft-steps`` steps and reports its peak RSS: the
-issue's memory target is PPO's peak <= 1.5x SFT's on the same model.
+``llamatune sft recipes/alpaca.yaml`` for ``--sft-steps`` steps, a fourth ``llamatune ppo
+recipes/ppo.yaml`` (PPO with a value head, the SFT run's adapter as policy and reference, the
+reward model stacked; it needs ``runs/alpaca`` and ``runs/reward``) for ``--ppo-steps``
+iterations; both report peak RSS: the issue's memory target is PPO's peak <= 1.5x SFT's on the
+same model.
 
 Targets (issue 12): llamatune >= 2x trl per update, peak RSS <= trl's; PPO peak <= 1.5x SFT.
 
@@ -129,10 +132,27 @@ def run_sft(steps: int, out: Path) -> dict:
     return {}
 
 
+def run_ppo(steps: int, out: Path) -> dict:
+    """``recipes/ppo.yaml``: PPO with a value head against the stacked reward model."""
+    from llamatune.config import load_config
+    from llamatune.recipes.ppo import PPORecipe
+
+    recipe = REPO / "recipes" / "ppo.yaml"
+    cfg = load_config(recipe, [f"train.max_steps={steps}", f"output_dir={out}", "overwrite=true",
+                               "train.eval_every=0", "train.save_every=0", "train.progress=false",
+                               "ppo.sample_every=0"])
+    r = PPORecipe(cfg, str(recipe))
+    r.setup()
+    t = time.perf_counter()
+    r.train()
+    return {"s_per_update": (time.perf_counter() - t) / steps}
+
+
 def child(args) -> None:
     out = Path(args.work) / f"{args.child}-{os.getpid()}"
-    fn = {"llamatune": run_llamatune, "trl": run_trl, "sft": run_sft}[args.child]
-    res = fn(args.sft_steps if args.child == "sft" else args.updates, out)
+    fn = {"llamatune": run_llamatune, "trl": run_trl, "sft": run_sft, "ppo": run_ppo}[args.child]
+    steps = {"sft": args.sft_steps, "ppo": args.ppo_steps}.get(args.child, args.updates)
+    res = fn(steps, out)
     res["peak_rss_gb"] = _peak_gb()
     res["wall_s"] = time.perf_counter() - T0
     Path(args.result).write_text(json.dumps(res))
@@ -143,6 +163,7 @@ def main() -> None:
     ap.add_argument("--updates", type=int, default=20)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--sft-steps", type=int, default=10)
+    ap.add_argument("--ppo-steps", type=int, default=4)
     ap.add_argument("--only", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -152,7 +173,11 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    names = args.only.split(",") if args.only else ["trl", "llamatune", "sft"]
+    names = args.only.split(",") if args.only else ["trl", "llamatune", "ppo", "sft"]
+    if "ppo" in names and not ((REPO / "runs" / "alpaca").is_dir()
+                               and (REPO / "runs" / "reward").is_dir()):
+        sys.exit("the ppo child runs recipes/ppo.yaml: first `llamatune sft recipes/alpaca.yaml` "
+                 "and `llamatune rm recipes/reward.yaml` (or pass --only trl,llamatune,sft)")
     work = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                TOKENIZERS_PARALLELISM="false")
@@ -162,7 +187,7 @@ def main() -> None:
             res_file = work / f"{name}-{i}.json"
             cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--result",
                    str(res_file), "--updates", str(args.updates), "--sft-steps",
-                   str(args.sft_steps)]
+                   str(args.sft_steps), "--ppo-steps", str(args.ppo_steps)]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
             if proc.returncode != 0:
                 sys.exit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -187,10 +212,11 @@ def main() -> None:
         ok = med["llamatune"]["peak_rss_gb"] <= med["trl"]["peak_rss_gb"]
         print(f"{'PASS' if ok else 'FAIL'}  peak RSS {med['llamatune']['peak_rss_gb']:.2f} vs "
               f"trl {med['trl']['peak_rss_gb']:.2f} GB (<=)")
-    if {"sft", "llamatune"} <= set(med):
-        ratio = med["llamatune"]["peak_rss_gb"] / med["sft"]["peak_rss_gb"]
-        print(f"{'PASS' if ratio <= MAX_PPO_OVER_SFT else 'FAIL'}  PPO peak RSS / SFT peak RSS "
-              f"{ratio:.2f} (<= {MAX_PPO_OVER_SFT})")
+    for name, what in (("ppo", "PPO (recipes/ppo.yaml)"), ("llamatune", "GRPO (arithmetic)")):
+        if {"sft", name} <= set(med):
+            ratio = med[name]["peak_rss_gb"] / med["sft"]["peak_rss_gb"]
+            print(f"{'PASS' if ratio <= MAX_PPO_OVER_SFT else 'FAIL'}  {what} peak RSS / SFT "
+                  f"(recipes/alpaca.yaml) peak RSS {ratio:.2f} (<= {MAX_PPO_OVER_SFT})")
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": results, "medians": med}, indent=2))
 

@@ -101,6 +101,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int],
             with torch.no_grad():
                 out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
                               use_cache=True)
+                # transformers renamed the cache ``past_key_values`` -> ``cache`` (5.2x): pass
+                # it back under the name this version returned it by.
+                name = "cache" if "cache" in out.keys() else "past_key_values"
                 for _ in range(max_new_tokens):
                     # The head on the last position only (a contiguous [n, d]: a strided slice
                     # sends torch's linear down a batched path that copies the head per row).
@@ -114,7 +117,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int],
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                     pos = pos[:, -1:] + 1
                     out = decoder(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                                  past_key_values=out.past_key_values, use_cache=True)
+                                  use_cache=True, **{name: out[name]})
             rows = torch.stack(out_tokens, dim=1).tolist()
             for row in rows:
                 cut = next((i for i, t in enumerate(row) if t in stop_ids), None)

@@ -84,3 +84,30 @@ def test_dpo_recipe_on_default_model_ranks_unseen_topics(tmp_path):
     accuracy = right / len(held)
     print(f"held-out implicit-reward accuracy {accuracy:.3f} ({right}/{len(held)})")
     assert accuracy >= 0.9
+
+
+def test_ppo_arithmetic_recipe_starts_learning_and_merges(tmp_path, capsys):
+    """A few GRPO iterations of `recipes/ppo_arithmetic.yaml` on the real model: one metrics
+    row per iteration with finite KL, then the run merges and `generate --data` answers."""
+    import math
+
+    run = tmp_path / "arith"
+    assert cli(["ppo", "recipes/ppo_arithmetic.yaml", f"output_dir={run}", "train.max_steps=4",
+                "train.eval_every=0", "train.save_every=0", "train.progress=false",
+                "data.eval_split=8", "ppo.rollout_batch=2"]) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert steps[0]["kl"] == 0.0 and steps[0]["ratio_mean"] == 1.0
+    assert all(math.isfinite(r["kl"]) and r["kl"] < 20.0 for r in steps)
+    evals = [r for r in rows if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 4]
+    assert cli(["merge", str(run), "--out", str(tmp_path / "merged"), "--samples", "2"]) == 0
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"prompt": "What is 12 + 30?", "answer": "42"}\n'
+                    '{"prompt": "What is 7 + 5?", "answer": "12"}\n')
+    capsys.readouterr()
+    assert cli(["generate", str(tmp_path / "merged"), "--data", str(data), "--out",
+                str(tmp_path / "a.jsonl"), "--max-new-tokens", "32"]) == 0
+    got = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [g["answer"] for g in got] == ["42", "12"] and all(g["response"] for g in got)
