@@ -2,7 +2,14 @@
 
 from llamatune.data.collate import pack, packed_batch, pad_batch
 from llamatune.data.formats import FORMATS, read_records
-from llamatune.data.prepare import KINDS, Prepared, prepare, resolve_data_path, verification_samples
+from llamatune.data.prepare import (
+    KINDS,
+    Prepared,
+    held_out_prompts,
+    prepare,
+    resolve_data_path,
+    verification_samples,
+)
 from llamatune.data.split import split_records
 from llamatune.data.templates import TEMPLATES, Template, get_template, render, stop_token_ids
 from llamatune.data.tokenize import (
@@ -20,6 +27,7 @@ __all__ = [
     "Stats",
     "Template",
     "get_template",
+    "held_out_prompts",
     "pack",
     "packed_batch",
     "pad_batch",

@@ -32,7 +32,8 @@ from llamatune.data.tokenize import (
 )
 from llamatune.errors import UserError
 
-__all__ = ["KINDS", "Prepared", "check", "prepare", "resolve_data_path", "verification_samples"]
+__all__ = ["KINDS", "Prepared", "check", "held_out_prompts", "prepare", "resolve_data_path",
+           "verification_samples"]
 
 KINDS = {
     "conversations": ("alpaca", "sharegpt", "messages"),
@@ -195,3 +196,23 @@ def verification_samples(cfg, tokenizer, kind: str, n: int) -> tuple[list[dict],
                          add_generation_prompt=True).input_ids[: cfg.train.max_length]
             samples.append({"input_ids": ids, "labels": [-100] + ids[1:]})
     return samples[:n], source
+
+
+def held_out_prompts(cfg, kind: str, n: int) -> tuple[list[list[dict]], str]:
+    """Up to ``n`` conversations of a run's own data, cut after their last user turn.
+
+    Held out where the run held any out; for checking an exported model on prompts it was
+    not trained on.
+
+    Returns:
+        ``(conversations, source)``; ``source`` says where they came from.
+    """
+    train_recs, eval_recs = _records(cfg, None, kind)
+    recs, source = (eval_recs, "eval split") if eval_recs else (train_recs, "training samples")
+    out = []
+    for r in recs[:n]:
+        msgs = r["prompt"] if kind == "pairs" else r["messages"]
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+        if last is not None:
+            out.append(msgs[: last + 1])
+    return out, source
