@@ -41,12 +41,14 @@ __all__ = [
     "build_scheduler",
     "check_finite",
     "data_order",
+    "draw_plots",
     "epoch_batches",
     "load_checkpoint",
     "n_pairs",
     "pair_batches",
     "pair_row",
     "resume_checkpoint",
+    "run_stage",
     "save_checkpoint",
     "set_seed",
     "start",
@@ -789,3 +791,36 @@ class Loop:
             {"epoch": self.epoch, "micro": self.micro, "data_order": self.data_order,
              **({"stage": self.stage.state()} if hasattr(self.stage, "state") else {})},
             self.cfg.train.keep_checkpoints, save_trainable)
+
+
+def run_stage(recipe) -> int:
+    """Run a stage start to end (setup, the loop, the final files), then draw its plots.
+
+    Returns:
+        The process exit code (0).
+    """
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+    draw_plots(recipe.run_dir)
+    return 0
+
+
+def draw_plots(run_dir) -> None:
+    """Draw the run's PNG plots (:mod:`llamatune.plots`); a failure only warns: the run is done."""
+    import sys
+
+    try:
+        from llamatune.plots import plot_run
+
+        written = plot_run(run_dir)
+    except ImportError as e:
+        print(f"note: no plots ({e}); pip install matplotlib, then `llamatune report "
+              f"{run_dir}`", file=sys.stderr, flush=True)
+        return
+    except Exception as e:  # noqa: BLE001 - a figure must not fail a finished run
+        print(f"warning: plotting {run_dir} failed ({type(e).__name__}: {e}); the run itself is "
+              "complete", file=sys.stderr, flush=True)
+        return
+    if written:
+        print(f"plots: {', '.join(p.name for p in written)} in {written[0].parent}", flush=True)

@@ -198,8 +198,4 @@ def main(cfg: Config, recipe_path: str | None = None) -> int:
     Returns:
         The process exit code.
     """
-    recipe = DPORecipe(cfg, recipe_path)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
-    return 0
+    return training.run_stage(DPORecipe(cfg, recipe_path))

@@ -286,7 +286,7 @@ class PPORecipe:
                 loss_acc += float(loss.detach())
                 pending += 1
                 done += 1
-                for k, v in (("policy_loss", float(pg.detach())), ("value_loss", float(vf)),
+                for k, v in (("policy_loss", float(pg.detach())), ("value_loss", float(vf.detach())),
                              ("clipfrac", clipfrac), ("approx_kl", approx_kl), ("ratio_mean", ratio)):
                     sums[k] += v
                 if pending == tc.grad_accum:
@@ -416,8 +416,4 @@ def main(cfg: Config, recipe_path: str | None = None) -> int:
     Returns:
         The process exit code.
     """
-    recipe = PPORecipe(cfg, recipe_path)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
-    return 0
+    return training.run_stage(PPORecipe(cfg, recipe_path))

@@ -135,8 +135,4 @@ def main(cfg: Config, recipe_path: str | None = None) -> int:
     Returns:
         The process exit code.
     """
-    recipe = RewardRecipe(cfg, recipe_path)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
-    return 0
+    return training.run_stage(RewardRecipe(cfg, recipe_path))

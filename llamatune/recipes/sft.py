@@ -103,8 +103,4 @@ def main(cfg: Config, recipe_path: str | None = None) -> int:
     Returns:
         The process exit code.
     """
-    recipe = SFTRecipe(cfg, recipe_path)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
-    return 0
+    return training.run_stage(SFTRecipe(cfg, recipe_path))
