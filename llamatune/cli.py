@@ -23,9 +23,7 @@ _TRAIN_STAGES = {
     "dpo": ("llamatune.recipes.dpo", "DPO on preference pairs (the offline alternative to RM+PPO)"),
     "ppo": ("llamatune.recipes.ppo", "PPO (or RLOO/GRPO) against a reward model or a reward rule"),
 }
-_PLANNED = {
-    "pipeline": "SFT -> RM -> PPO in one command",
-}
+_PLANNED: dict[str, str] = {}
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in _PLANNED.items():
         p = sub.add_parser(name, help=f"{help_} (not yet available)")
         _recipe_args(p)
+
+    p = sub.add_parser("pipeline", help="SFT -> reward model -> PPO -> merge in one command",
+                       description="SFT -> reward model -> PPO -> merge in one command; a rerun "
+                       "skips finished stages and resumes an interrupted one")
+    _recipe_args(p)
+    p.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
+                   help="redo from this stage (sft, rm, ppo, merge) on, even if finished")
 
     p = sub.add_parser("generate", help="answer one prompt, or every row of a file, with a run "
                        "or model folder")
@@ -80,6 +85,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="saved precision (default: the base model's)")
     p.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
     p.add_argument("--samples", type=int, default=8, help="held-out samples for the check")
+
+    p = sub.add_parser("export", help="write a run or model folder as a verified GGUF "
+                       "(llama.cpp, Ollama)")
+    p.add_argument("path", help="run directory (merged first) or merged model folder")
+    p.add_argument("--gguf", required=True, help="the .gguf file to write")
+    p.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0"],
+                   help="tensor type of the matrices (norms stay f32)")
+    p.add_argument("--no-verify", action="store_true", help="skip the read-back check")
+    p.add_argument("--samples", type=int, default=8, help="held-out prompts for the check")
+
+    p = sub.add_parser("report", help="a run's (or a pipeline's) key figures; redraws its plots")
+    p.add_argument("path", help="run directory or pipeline folder")
+    p.add_argument("--json", action="store_true", help="the figures as JSON")
 
     p = sub.add_parser("score", help="score conversations with a trained reward model")
     p.add_argument("rm_dir", help="reward-model run directory")
@@ -134,6 +152,10 @@ def _load(args):
     from llamatune.config import load_config
 
     path = _recipe_path(args.recipe)
+    if _is_pipeline(path) and args.command != "pipeline":
+        raise UserError(f"{path} is a pipeline recipe (stage: pipeline); run it with "
+                        f"`llamatune pipeline {path}`, or `llamatune {args.command}` one of its "
+                        "stage recipes.")
     return load_config(path, args.overrides), path
 
 
@@ -148,11 +170,33 @@ def _cmd_train(args) -> int:
     return module.main(cfg, path)
 
 
+def _is_pipeline(path: str) -> bool:
+    """Whether a recipe file says ``stage: pipeline`` (read without validating the rest)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and raw.get("stage") == "pipeline"
+
+
+def _cmd_pipeline(args) -> int:
+    from llamatune.pipeline import run_pipeline
+
+    return run_pipeline(_recipe_path(args.recipe), args.overrides, args.from_stage)
+
+
 def _cmd_validate(args) -> int:
     from llamatune.data import prepare
     from llamatune.model import load_tokenizer, resolve_model_path
     from llamatune.recipes import stage_data
 
+    path = _recipe_path(args.recipe)
+    if _is_pipeline(path):
+        from llamatune.pipeline import check_pipeline
+
+        return check_pipeline(path, args.overrides)
     cfg, path = _load(args)
     kind, command = stage_data(cfg, path)
     tok = load_tokenizer(cfg.model, resolve_model_path(cfg.model.path))
@@ -263,6 +307,19 @@ def _cmd_merge(args) -> int:
                      verify=not args.no_verify, samples=args.samples)
 
 
+def _cmd_export(args) -> int:
+    from llamatune.export import run_export
+
+    return run_export(args.path, args.gguf, args.type, verify=not args.no_verify,
+                      samples=args.samples)
+
+
+def _cmd_report(args) -> int:
+    from llamatune.report import run_report
+
+    return run_report(args.path, as_json=args.json)
+
+
 def _cmd_score(args) -> int:
     from llamatune.score import run_score
 
@@ -301,6 +358,7 @@ def _cmd_planned(args) -> int:
 _COMMANDS = {
     "validate": _cmd_validate, "ls": _cmd_ls, "cp": _cmd_cp, "env": _cmd_env,
     "generate": _cmd_generate, "chat": _cmd_chat, "merge": _cmd_merge, "score": _cmd_score,
+    "export": _cmd_export, "report": _cmd_report, "pipeline": _cmd_pipeline,
     "preview": _cmd_preview, "params": _cmd_params, "estimate": _cmd_estimate,
 }
 

@@ -608,12 +608,34 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | dict | None = None) -> Config:
+def read_recipe(path: str | os.PathLike) -> tuple[dict, dict[str, int]]:
+    """A recipe file as a mapping, and the line of each dotted key (for messages).
+
+    Raises:
+        ConfigError: The file is missing, not UTF-8, not YAML or not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe {path} does not exist. `llamatune ls` lists the shipped "
+                          "recipes; `llamatune cp NAME my.yaml` copies one to edit.")
+    raw, text = _read_yaml(p)
+    return raw, _yaml_key_lines(text)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested recipe sections as dotted keys (``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``)."""
+    return _flatten(tree, prefix)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | dict | None = None,
+                label: str = "override ") -> Config:
     """Read a recipe YAML, apply overrides, validate everything.
 
     Args:
         path: The recipe YAML, or ``None`` to start from defaults.
         overrides: ``section.key=value`` strings or an already parsed dotted-key dict.
+        label: What messages put before an override's key (a pipeline names its recipe and
+            stage here).
 
     Returns:
         The validated config.
@@ -639,7 +661,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | dict | No
     def at(key: str, source: str) -> str:
         if source == "yaml":
             return f"{where}:{lines[key]}: {key}" if key in lines else f"{where}: {key}"
-        return f"override {key}"
+        return f"{label}{key}"
 
     schema = _all_keys()
     values: dict[str, tuple[Any, str]] = {}

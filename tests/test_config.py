@@ -57,9 +57,16 @@ def test_every_shipped_recipe_loads():
 
     recipes = list_recipes()
     assert "alpaca" in recipes
+    from llamatune.pipeline import plan_pipeline
+
     for name, path in recipes.items():
-        cfg = load_config(path)
-        assert cfg.data.path, name
+        if "stage: pipeline" in path.read_text():
+            plans, _, _ = plan_pipeline(str(path))
+            assert [p.command for p in plans] == ["sft", "rm", "ppo"], name
+            assert all(p.cfg.data.path for p in plans), name
+        else:
+            cfg = load_config(path)
+            assert cfg.data.path, name
         text = path.read_text()
         assert text.startswith("#"), f"{name}: recipes open with a header comment"
         assert "llamatune" in text
