@@ -6,10 +6,12 @@ no dropout, every linear layer of the blocks), the prompts of ``datasets/arithme
 (rendered with the ChatML template by llamatune; trl gets that text, so both sample from the
 same prompt tokens), the rule reward ``llamatune.rewards:last_integer`` (1 for the right sum
 as the response's last integer), 2 prompts x 8 completions of at most 32 tokens per update,
-temperature 1, AdamW at lr 1e-4 (constant), no KL penalty (trl's default ``beta=0``; llamatune's
-``ppo.kl_coef=0``), ``--updates`` updates. trl runs at its defaults otherwise (gradient
-checkpointing, bf16 where bf16 is fast). Each runs in a fresh subprocess, interleaved over
-``--runs``; medians reported.
+temperature 1, AdamW at lr 1e-4 (constant), no KL penalty (trl's default ``beta=0``: no
+reference model; llamatune's ``ppo.kl_coef=0`` and no ``ppo.max_kl`` guard, so neither runs the
+reference), ``--updates`` updates. Both then score each rollout with the weights that sampled
+it in the update's own forward (one epoch, one optimizer step per rollout). trl runs at its
+defaults otherwise (gradient checkpointing, bf16 where bf16 is fast). Each runs in a fresh
+subprocess, interleaved over ``--runs``; medians reported.
 
 Per run: seconds per update (the training call's wall time / updates), peak RSS (``ru_maxrss``),
 and the sampled reward of the first and the last fifth of the updates. A third child runs
@@ -44,7 +46,8 @@ from pathlib import Path  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "ppo_arithmetic.yaml"
 SHARED = ["ppo.advantage=grpo", "ppo.rollout_batch=2", "ppo.k=8", "ppo.max_new_tokens=32",
-          "ppo.temperature=1.0", "ppo.kl_coef=0.0", "ppo.missing_eos_penalty=null",
+          "ppo.temperature=1.0", "ppo.kl_coef=0.0", "ppo.max_kl=null",
+          "ppo.missing_eos_penalty=null",
           "train.lr=1e-4", "train.warmup_steps=0", "train.schedule=constant",
           "train.batch_size=16", "train.grad_accum=1", "data.eval_split=0", "train.eval_every=0",
           "train.save_every=0", "train.progress=false", "ppo.sample_every=0", "lora.r=16",

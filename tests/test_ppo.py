@@ -259,3 +259,45 @@ def test_ppo_against_a_reward_model_on_the_same_base(tmp_path, tiny_model_dir):
     reward_params = {n: p for n, p in r.net.named_parameters() if ".reward." in n
                      or n.startswith("heads.reward")}
     assert reward_params and not any(p.requires_grad for p in reward_params.values())
+
+
+@pytest.mark.parametrize("max_kl", [None, 50.0])
+def test_one_pass_update_equals_scoring_first(tmp_path, tiny_model_dir, monkeypatch, max_kl):
+    """GRPO without a KL penalty, one epoch, one optimizer step an iteration: the update's
+    own forward gives the old log-probs (no scoring pass), with the same result as scoring
+    first; the reference runs only when ppo.max_kl needs the KL."""
+    import safetensors.torch as st
+
+    def run(name, force_two_pass):
+        r, _ = _recipe(tmp_path / name, tiny_model_dir,
+                       ppo={"advantage": "grpo", "k": 4, "rollout_batch": 4, "kl_coef": 0.0,
+                            "max_kl": max_kl, "max_new_tokens": 5},
+                       train={"max_steps": 3, "batch_size": 8, "grad_accum": 2,
+                              "warmup_steps": 0})
+        r.setup()
+        calls = []
+        real = r.net.forward
+        monkeypatch.setattr(r.net, "forward", lambda *a, **k: calls.append(k.get("adapter"))
+                            or real(*a, **k))
+        if force_two_pass:
+            monkeypatch.setattr(r, "_one_pass", lambda n: False)
+        else:
+            assert r._one_pass(2)
+        r.train()
+        r.cleanup()
+        rows = [x for x in _rows(r.run_dir) if "reward_mean" in x]
+        return rows, st.load_file(r.run_dir / "adapter_model.safetensors"), calls
+
+    one, w1, calls1 = run("one", False)
+    two, w2, calls2 = run("two", True)
+    assert len(calls1) < len(calls2)
+    assert ("base" in calls1) == (max_kl is not None)  # the reference only for the bound
+    for a, b in zip(one, two):
+        assert a["ratio_mean"] == 1.0 and a["approx_kl"] == 0.0
+        for key in ("reward_mean", "policy_loss", "entropy", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+        assert ("kl" in a) == (max_kl is not None)
+        if max_kl is not None:
+            assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-6)
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-6), k

@@ -142,21 +142,38 @@ class PPORecipe:
         roll = self._rollout(rows)
         parts = _partition(len(rows), self.cfg.train.batch_size, seed=self.cfg.train.seed
                            * 7919 + loop.step)
-        scored = self._score(roll, parts)
+        one_pass = self._one_pass(len(parts))
+        scored = self._score(roll, parts, one_pass)
         rollout_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        figures, loss, grad_norm = self._update(loop, roll, scored, parts)
+        figures, loss, grad_norm = self._update(loop, roll, scored, parts, one_pass)
+        if one_pass and scored["ref"] is not None:
+            scored["kl"] = (scored["old"] - scored["ref"]) * roll["mask"]
         figures.update(self._rollout_figures(roll, scored), rollout_s=round(rollout_s, 3),
                        update_s=round(time.perf_counter() - t1, 3), kl_coef=self.kl.coef)
-        self.kl.update(figures["kl"], len(rows))
+        if "kl" in figures:
+            self.kl.update(figures["kl"], len(rows))
         if p.sample_every and (loop.step + 1) % p.sample_every == 0:
             self._write_samples(loop.step + 1, rows, roll, scored)
-        if p.max_kl is not None and not figures["kl"] <= p.max_kl:
+        if p.max_kl is not None and not figures.get("kl", 0.0) <= p.max_kl:
             raise training.TrainingDiverged(
                 f"ppo.max_kl: the mean KL to the reference reached {figures['kl']:.3g} at "
                 f"iteration {loop.step + 1} (bound {p.max_kl}); the run stopped before its next "
                 "update. Lower train.lr or raise ppo.kl_coef, and resume from the last checkpoint.")
         return loss, figures, int(roll["mask"].sum()), grad_norm
+
+    def _one_pass(self, n_parts: int) -> bool:
+        """Whether the update's own forward can stand in for the scoring pass of the policy.
+
+        True for RLOO/GRPO with no KL in the reward, one PPO epoch and one optimizer step per
+        iteration: every mini-batch is then scored by the very weights that sampled it, so
+        the old log-probs *are* the update's (detached; the ratios are exactly 1) and nothing
+        else needs them first. The reference is then run only to measure the KL for
+        ``ppo.max_kl`` (skipped without a bound).
+        """
+        p = self.cfg.ppo
+        return (not self.gae and p.epochs == 1 and p.kl_coef == 0 and p.kl_target is None
+                and n_parts <= self.cfg.train.grad_accum)
 
     def _rollout(self, rows) -> dict:
         from llamatune.rollout import generate, response_batch
@@ -171,8 +188,13 @@ class PPORecipe:
         return {"batch": batch, "mask": batch["labels"][:, 1:] != -100, "text": text,
                 "ids": resp.ids, "ended": resp.ended, "rows": rows}
 
-    def _score(self, roll, parts) -> dict:
-        """Old and reference log-probs, values and rewards of a rollout, in the update's parts."""
+    def _score(self, roll, parts, one_pass: bool = False) -> dict:
+        """Old and reference log-probs, values and rewards of a rollout, in the update's parts.
+
+        With ``one_pass`` (see :meth:`_one_pass`) the policy is not scored here: the update
+        fills ``old`` and ``entropy`` from its own forward; the reference runs only when
+        ``ppo.max_kl`` needs the KL (``ref`` is ``None`` otherwise).
+        """
         import torch
 
         from llamatune.rollout import dense
@@ -181,18 +203,22 @@ class PPORecipe:
         n, t = mask.shape
         old, ref = torch.zeros(n, t), torch.zeros(n, t)
         values, entropy = torch.zeros(n, t), torch.zeros(n, t)
+        need_ref = not one_pass or p.max_kl is not None
         with torch.no_grad():
             for idx in parts:
                 mb, w = self._sub(b, idx)
-                out = self.net("logprobs", mb, temperature=p.temperature, entropy=True,
-                               values="value" if self.gae else None)
                 m = mask[idx, :w]
-                old[idx, :w] = dense(out["logp"].float().cpu(), m)
-                entropy[idx, :w] = dense(out["entropy"].float().cpu(), m)
-                if self.gae:
-                    values[idx, :w] = out["values"].float().cpu() * m
-                r = self.net("logprobs", mb, adapter=self.reference, temperature=p.temperature)
-                ref[idx, :w] = dense(r["logp"].float().cpu(), m)
+                if not one_pass:
+                    out = self.net("logprobs", mb, temperature=p.temperature, entropy=True,
+                                   values="value" if self.gae else None)
+                    old[idx, :w] = dense(out["logp"].float().cpu(), m)
+                    entropy[idx, :w] = dense(out["entropy"].float().cpu(), m)
+                    if self.gae:
+                        values[idx, :w] = out["values"].float().cpu() * m
+                if need_ref:
+                    r = self.net("logprobs", mb, adapter=self.reference,
+                                 temperature=p.temperature)
+                    ref[idx, :w] = dense(r["logp"].float().cpu(), m)
         scores = torch.tensor(self._rewards(roll), dtype=torch.float32)
         raw = scores.clone()
         if p.missing_eos_penalty is not None:
@@ -216,8 +242,9 @@ class PPORecipe:
             seq = scores - self.kl.coef * kl.sum(-1)
             adv = group_advantages(seq, p.k, p.advantage)[:, None] * mask
             returns = torch.zeros_like(adv)
-        return {"old": old, "ref": ref, "values": values, "entropy": entropy, "adv": adv,
-                "returns": returns, "scores": raw, "shaped": scores, "kl": kl}
+        return {"old": old, "ref": ref if need_ref else None, "values": values,
+                "entropy": entropy, "adv": adv, "returns": returns, "scores": raw,
+                "shaped": scores, "kl": kl}
 
     def _rewards(self, roll) -> list[float]:
         rows, text = roll["rows"], roll["text"]
@@ -245,7 +272,8 @@ class PPORecipe:
         std = math.sqrt(m2 / max(n - 1, 1)) if n > 1 else 1.0
         return (scores - mean) / (std + 1e-6)
 
-    def _update(self, loop, roll, scored, parts) -> tuple[dict, float, float | None]:
+    def _update(self, loop, roll, scored, parts,
+                one_pass: bool = False) -> tuple[dict, float, float | None]:
         """``ppo.epochs`` passes of clipped PPO over the rollout, ``train.grad_accum`` parts a step."""
         import torch
 
@@ -268,9 +296,12 @@ class PPORecipe:
                 def part(key, idx=idx, w=w):
                     return scored[key][idx, :w].to(self.device)
 
-                out = self.net("logprobs", mb, temperature=p.temperature,
+                out = self.net("logprobs", mb, temperature=p.temperature, entropy=one_pass,
                                values="value" if self.gae else None)
                 logp = dense(out["logp"].float(), m)
+                if one_pass:  # the weights that sampled this mini-batch score it
+                    scored["old"][idx, :w] = logp.detach().cpu()
+                    scored["entropy"][idx, :w] = dense(out["entropy"].float(), m).detach().cpu()
                 pg, clipfrac, approx_kl, ratio = policy_loss(logp, part("old"), part("adv"), m,
                                                              p.cliprange)
                 loss = pg
@@ -306,13 +337,15 @@ class PPORecipe:
 
         mask = roll["mask"]
         scores = scored["scores"]
-        return {"reward_mean": float(scores.mean()),
-                "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-                "kl": float(scored["kl"].sum(-1).mean()),
-                "kl_k3": float((kl_k3(scored["old"], scored["ref"]) * mask).sum(-1).mean()),
-                "entropy": float(masked_mean(scored["entropy"], mask)),
-                "response_len": float(mask.sum(-1).float().mean()),
-                "no_eos_frac": float(1 - sum(roll["ended"]) / len(roll["ended"]))}
+        out = {"reward_mean": float(scores.mean()),
+               "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+               "entropy": float(masked_mean(scored["entropy"], mask)),
+               "response_len": float(mask.sum(-1).float().mean()),
+               "no_eos_frac": float(1 - sum(roll["ended"]) / len(roll["ended"]))}
+        if scored["ref"] is not None:  # measured unless nothing asks for it (see _one_pass)
+            out["kl"] = float(scored["kl"].sum(-1).mean())
+            out["kl_k3"] = float((kl_k3(scored["old"], scored["ref"]) * mask).sum(-1).mean())
+        return out
 
     def _sub(self, batch: dict, idx) -> tuple[dict, int]:
         """Rows ``idx`` of a rollout batch, cut to their longest row, on the device.
