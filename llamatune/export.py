@@ -396,6 +396,9 @@ def export_gguf(folder: Path, out: Path, gguf_type: str = "f16", verify: bool = 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".gguf", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # mkstemp makes it private; the published file is not
     result = None
     try:
         write_gguf(folder, tmp, gguf_type, out.stem)
