@@ -34,6 +34,7 @@ __all__ = [
     "MetricsWriter",
     "Progress",
     "Stage",
+    "StageRun",
     "Start",
     "TrainingDiverged",
     "batch_groups",
@@ -600,6 +601,33 @@ def start(cfg: Config, kind: str, command: str, recipe_path: str | None = None) 
     rundir.write_run_files(run_dir, rundir.absolute_config(cfg, recipe_path), tokenizer)
     set_seed(cfg.train.seed)
     return Start(run_dir, tokenizer, data, order, ckpt)
+
+
+class StageRun:
+    """The end of a stage every stage shares: run the loop, checkpoint, write the final files.
+
+    A stage class sets ``self.loop`` (a :class:`Loop`), ``self.loaded`` and ``self.run_dir`` in
+    its ``setup`` and names what it saves in :attr:`saved`.
+    """
+
+    saved = "adapter"
+    """What the final files hold, for the last message (``"the PPO policy adapter"``)."""
+
+    def train(self) -> None:
+        """Run the optimizer steps (the shared loop)."""
+        self.loop.run()
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-STEP/`` (trainable weights, optimizer, schedule, RNG, position)."""
+        return self.loop.save_checkpoint()
+
+    def cleanup(self) -> None:
+        """Write the trainable adapter and heads beside the config, tokenizer and template."""
+        from llamatune.model import save_trainable
+        from llamatune.rundir import write_final
+
+        write_final(self.run_dir, lambda folder: save_trainable(self.loaded, folder))
+        print(f"saved {self.saved}, tokenizer and config to {self.run_dir}", flush=True)
 
 
 class Stage(Protocol):

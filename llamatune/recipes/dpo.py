@@ -25,8 +25,6 @@ reference log-probs once before training.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from llamatune import training
 from llamatune.config import Config
 
@@ -75,10 +73,11 @@ def dpo_loss(policy, reference, counts, beta: float, loss: str, label_smoothing:
     return per.sum(), figures
 
 
-class DPORecipe:
+class DPORecipe(training.StageRun):
     """DPO of a LoRA policy against its starting model, on preference pairs."""
 
     name = "dpo"
+    saved = "the DPO policy adapter"
 
     def __init__(self, cfg: Config, recipe_path: str | None = None):
         self.cfg = cfg
@@ -175,21 +174,6 @@ class DPORecipe:
         return {f"eval_{k}": v / max(pairs, 1) for k, v in sums.items()}
 
     # -- the stage interface ------------------------------------------------------------------
-    def train(self) -> None:
-        """Run the optimizer steps (the shared loop)."""
-        self.loop.run()
-
-    def save_checkpoint(self) -> Path:
-        """Write ``checkpoint-STEP/`` (policy adapter, optimizer, scheduler, RNG, position)."""
-        return self.loop.save_checkpoint()
-
-    def cleanup(self) -> None:
-        """Write the policy as the run's adapter beside the config, tokenizer and template."""
-        from llamatune.model import save_trainable
-        from llamatune.rundir import write_final
-
-        write_final(self.run_dir, lambda folder: save_trainable(self.loaded, folder))
-        print(f"saved the DPO policy adapter, tokenizer and config to {self.run_dir}", flush=True)
 
 
 def main(cfg: Config, recipe_path: str | None = None) -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 from llamatune import training
 from llamatune.config import Config
@@ -38,10 +37,15 @@ __all__ = ["PPORecipe", "main"]
 
 
 
-class PPORecipe:
+class PPORecipe(training.StageRun):
     """PPO (or RLOO/GRPO) of a LoRA policy against its starting model, from prompts."""
 
     name = "ppo"
+
+    @property
+    def saved(self) -> str:
+        """What the final files hold."""
+        return "the PPO policy adapter" + (" and value head" if self.gae else "")
 
     def __init__(self, cfg: Config, recipe_path: str | None = None):
         self.cfg = cfg
@@ -381,10 +385,6 @@ class PPORecipe:
             self.loop._log_eval(None)
         self.loop.run()
 
-    def save_checkpoint(self) -> Path:
-        """Write ``checkpoint-STEP/`` (policy adapter, value head, optimizer, RNG, position)."""
-        return self.loop.save_checkpoint()
-
     def state(self) -> dict:
         """What a checkpoint keeps of this stage: the KL coefficient and reward statistics."""
         return {"kl_coef": self.kl.coef, "reward_stats": self.reward_stats}
@@ -399,13 +399,6 @@ class PPORecipe:
                 f.write(json.dumps({"step": step, "prompt": s["messages"][-1]["content"],
                                     "response": text, "reward": round(score, 4)}) + "\n")
 
-    def cleanup(self) -> None:
-        """Write the policy as the run's adapter, and the value head, beside the config."""
-        from llamatune.model import save_trainable
-        from llamatune.rundir import write_final
-
-        write_final(self.run_dir, lambda folder: save_trainable(self.loaded, folder))
-        print(f"saved the PPO policy adapter, tokenizer and config to {self.run_dir}", flush=True)
 
 
 def _partition(n: int, size: int, seed: int) -> list[list[int]]:

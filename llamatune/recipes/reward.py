@@ -22,8 +22,6 @@ A finished run loads with :func:`llamatune.score.load_reward_model`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from llamatune import training
 from llamatune.config import Config
 
@@ -47,10 +45,15 @@ def _pair_loss(rewards, center_coef: float, margin: float):
     return loss, n, int((diff > 0).sum()), float(diff.detach().sum())
 
 
-class RewardRecipe:
+class RewardRecipe(training.StageRun):
     """A LoRA reward model with a scalar score head, on preference pairs."""
 
     name = "rm"
+
+    @property
+    def saved(self) -> str:
+        """What the final files hold."""
+        return "reward adapter, score head" if self.cfg.lora.enabled else "reward model"
 
     def __init__(self, cfg: Config, recipe_path: str | None = None):
         self.cfg = cfg
@@ -111,22 +114,6 @@ class RewardRecipe:
                 "eval_margin": margin / pairs}
 
     # -- the stage interface ------------------------------------------------------------------
-    def train(self) -> None:
-        """Run the optimizer steps (the shared loop)."""
-        self.loop.run()
-
-    def save_checkpoint(self) -> Path:
-        """Write ``checkpoint-STEP/`` (adapter + head, optimizer, scheduler, RNG, position)."""
-        return self.loop.save_checkpoint()
-
-    def cleanup(self) -> None:
-        """Write the final adapter and score head beside the config, tokenizer and template."""
-        from llamatune.model import save_trainable
-        from llamatune.rundir import write_final
-
-        write_final(self.run_dir, lambda folder: save_trainable(self.loaded, folder))
-        what = "reward adapter, score head" if self.cfg.lora.enabled else "reward model"
-        print(f"saved {what}, tokenizer and config to {self.run_dir}", flush=True)
 
 
 def main(cfg: Config, recipe_path: str | None = None) -> int:

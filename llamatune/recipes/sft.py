@@ -13,15 +13,13 @@ accumulation window, so each token weighs the same whatever micro-batch it lande
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from llamatune import training
 from llamatune.config import Config
 
 __all__ = ["SFTRecipe", "main"]
 
 
-class SFTRecipe:
+class SFTRecipe(training.StageRun):
     """Supervised fine-tuning of a LoRA adapter (or the full model) on conversations."""
 
     name = "sft"
@@ -80,21 +78,6 @@ class SFTRecipe:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     # -- the stage interface ------------------------------------------------------------------
-    def train(self) -> None:
-        """Run the optimizer steps (the shared loop)."""
-        self.loop.run()
-
-    def save_checkpoint(self) -> Path:
-        """Write ``checkpoint-STEP/`` (adapter, optimizer, scheduler, RNG, loop position)."""
-        return self.loop.save_checkpoint()
-
-    def cleanup(self) -> None:
-        """Write the final adapter beside the config, tokenizer and template."""
-        from llamatune.model import save_trainable
-        from llamatune.rundir import write_final
-
-        write_final(self.run_dir, lambda folder: save_trainable(self.loaded, folder))
-        print(f"saved adapter, tokenizer and config to {self.run_dir}", flush=True)
 
 
 def main(cfg: Config, recipe_path: str | None = None) -> int:
