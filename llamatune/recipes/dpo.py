@@ -173,8 +173,6 @@ class DPORecipe(training.StageRun):
             pairs += self.count(batch)
         return {f"eval_{k}": v / max(pairs, 1) for k, v in sums.items()}
 
-    # -- the stage interface ------------------------------------------------------------------
-
 
 def main(cfg: Config, recipe_path: str | None = None) -> int:
     """Run the whole stage.

@@ -113,8 +113,6 @@ class RewardRecipe(training.StageRun):
         return {"eval_loss": total / pairs, "eval_accuracy": correct / pairs,
                 "eval_margin": margin / pairs}
 
-    # -- the stage interface ------------------------------------------------------------------
-
 
 def main(cfg: Config, recipe_path: str | None = None) -> int:
     """Run the whole stage.

@@ -77,8 +77,6 @@ class SFTRecipe(training.StageRun):
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    # -- the stage interface ------------------------------------------------------------------
-
 
 def main(cfg: Config, recipe_path: str | None = None) -> int:
     """Run the whole stage.
