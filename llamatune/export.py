@@ -171,7 +171,7 @@ def _tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
         elif "Digits" in pre:
             pre_type = "smollm"
         else:
-            pre_type = "gpt2"
+            pre_type = "gpt-2"  # llama.cpp's name for the GPT-2 split
     else:
         kind, pre_type = "llama", "default"
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
