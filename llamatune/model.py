@@ -691,6 +691,34 @@ def load_head(head, path) -> None:
                                 strict=head.linear.bias is None or "bias" in sd)
 
 
+def add_policy(loaded: Loaded, lcfg: LoraConfig, start: str | None, dropout: float) -> str:
+    """Attach a trainable policy and its frozen reference, the starting model itself.
+
+    With a starting adapter (an SFT run's, already copied into the run directory) the policy is
+    a trainable copy of it and the reference a frozen copy; without one the policy is a new
+    LoRA of shape ``lcfg`` and the reference is the bare base (no adapter at all).
+
+    Args:
+        loaded: The base.
+        lcfg: Shape of a new policy adapter.
+        start: The starting adapter folder, or ``None``.
+        dropout: LoRA dropout of the policy (the reference never drops out).
+
+    Returns:
+        The reference's adapter name for :class:`llamatune.net.Net` (``"base"``: none).
+    """
+    import dataclasses
+
+    from llamatune.net import BASE
+
+    if start is None:
+        add_adapter(loaded, "policy", lcfg=dataclasses.replace(lcfg, dropout=dropout))
+        return BASE
+    add_adapter(loaded, "policy", source=start, dropout=dropout)
+    add_adapter(loaded, "reference", source=start, trainable=False, dropout=0.0)
+    return "reference"
+
+
 def finish(loaded: Loaded, *, full: bool = False):
     """Make the adapters and heads ready, install the lean kernels, and build the net.
 

@@ -86,7 +86,6 @@ class DPORecipe(training.StageRun):
     def setup(self) -> None:
         """Validate inputs, tokenize, load policy and reference on one base, resume if asked."""
         from llamatune import model as loader
-        from llamatune.net import BASE
         from llamatune.rundir import REFERENCE_DIR, keep_copy, starting_adapter
 
         cfg = self.cfg
@@ -97,13 +96,7 @@ class DPORecipe(training.StageRun):
         self.loaded = loader.load_base(cfg.model, trainable=True, seed=cfg.train.seed)
         if start is not None:
             start = str(keep_copy(self.run_dir, start, REFERENCE_DIR))
-            loader.add_adapter(self.loaded, "policy", source=start, dropout=cfg.lora.dropout)
-            loader.add_adapter(self.loaded, "reference", source=start, trainable=False,
-                               dropout=0.0)
-            self.reference = "reference"
-        else:
-            loader.add_adapter(self.loaded, "policy", lcfg=cfg.lora)
-            self.reference = BASE
+        self.reference = loader.add_policy(self.loaded, cfg.lora, start, cfg.lora.dropout)
         self.net = loader.finish(self.loaded)
         self.tokenizer, self.device = self.loaded.tokenizer, self.loaded.device
         self.pad_id = self.tokenizer.pad_token_id

@@ -56,7 +56,6 @@ class PPORecipe(training.StageRun):
         """Validate inputs, tokenize the prompts, load policy, reference, value and reward."""
         from llamatune import model as loader
         from llamatune.data.templates import stop_token_ids
-        from llamatune.net import BASE
         from llamatune.rundir import REFERENCE_DIR, keep_copy, starting_adapter
 
         cfg, p = self.cfg, self.cfg.ppo
@@ -68,16 +67,7 @@ class PPORecipe(training.StageRun):
         self.loaded = loader.load_base(cfg.model, trainable=True, seed=cfg.train.seed)
         if start is not None:
             start = str(keep_copy(self.run_dir, start, REFERENCE_DIR))
-            loader.add_adapter(self.loaded, "policy", source=start, dropout=0.0)
-            loader.add_adapter(self.loaded, "reference", source=start, trainable=False,
-                               dropout=0.0)
-            self.reference = "reference"
-        else:
-            import dataclasses
-
-            loader.add_adapter(self.loaded, "policy",
-                               lcfg=dataclasses.replace(cfg.lora, dropout=0.0))
-            self.reference = BASE
+        self.reference = loader.add_policy(self.loaded, cfg.lora, start, dropout=0.0)
         self.rm = self._reward_model() if p.reward_model else None
         self.gae = p.advantage == "gae"
         if self.gae:
