@@ -61,9 +61,7 @@ class Chatbot:
         out = generate(self.model, self.tokenizer, prompts, stop_ids=stops,
                        max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
                        top_p=top_p, greedy=temperature <= 0, batch_size=batch_size)
-        texts = [self.tokenizer.decode([t for t in r if t not in stops],
-                                       skip_special_tokens=True).strip() for r in out.ids]
-        return list(zip(texts, out.ended))
+        return list(zip(out.text, out.ended))
 
 
 def load_for_inference(path: str, device: str = "auto") -> Chatbot:

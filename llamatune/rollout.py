@@ -25,6 +25,8 @@ class Responses:
     """Response token ids, the stop token included when there is one."""
     ended: list[bool]
     """Whether the response ended with a stop token (within ``max_new_tokens``)."""
+    text: list[str]
+    """The responses decoded, stop and special tokens dropped, stripped."""
 
 
 def sample_next(logits, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False):
@@ -125,7 +127,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int],
                 ended_out.append(cut is not None)
     finally:
         model.train(was_training)
-    return Responses(ids_out, ended_out)
+    text = [tokenizer.decode([t for t in r if t not in stop_ids], skip_special_tokens=True).strip()
+            for r in ids_out]
+    return Responses(ids_out, ended_out, text)
 
 
 def response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:

@@ -177,9 +177,7 @@ class PPORecipe(training.StageRun):
         resp = generate(self.net.model, self.tokenizer, prompts, stop_ids=self.stop_ids,
                         max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p)
         batch = response_batch(prompts, resp.ids, self.pad_id)
-        text = [self.tokenizer.decode([t for t in r if t not in self.stop_ids],
-                                      skip_special_tokens=True).strip() for r in resp.ids]
-        return {"batch": batch, "mask": batch["labels"][:, 1:] != -100, "text": text,
+        return {"batch": batch, "mask": batch["labels"][:, 1:] != -100, "text": resp.text,
                 "ids": resp.ids, "ended": resp.ended, "rows": rows}
 
     def _score(self, roll, parts, one_pass: bool = False) -> dict:
@@ -359,9 +357,7 @@ class PPORecipe(training.StageRun):
         resp = generate(self.net.model, self.tokenizer, [s["input_ids"] for s in self.eval_samples],
                         stop_ids=self.stop_ids, max_new_tokens=p.max_new_tokens, greedy=True,
                         batch_size=max(self.cfg.train.batch_size, 8))
-        text = [self.tokenizer.decode([t for t in r if t not in self.stop_ids],
-                                      skip_special_tokens=True).strip() for r in resp.ids]
-        scores = self._rewards({"rows": self.eval_samples, "text": text})
+        scores = self._rewards({"rows": self.eval_samples, "text": resp.text})
         n = max(len(scores), 1)
         out = {"eval_reward": sum(scores) / n}
         if self.rm is None:  # a rule: the share of answers that earn the full reward
