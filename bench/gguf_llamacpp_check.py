@@ -37,24 +37,17 @@ def main() -> None:
     except ImportError:
         sys.exit("llama-cpp-python is not installed: pip install llama-cpp-python")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from llamatune.export import FALLBACK_PROMPTS
+    from llamatune.export import FALLBACK_PROMPTS, reference_model, stop_ids
 
     out = Path(args.gguf)
     if not out.exists():
         subprocess.run([sys.executable, "-m", "llamatune", "export", args.folder, "--gguf",
                         str(out), "--type", args.type], check=True, cwd=REPO)
     tok = AutoTokenizer.from_pretrained(args.folder)
-    ref = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.float32).eval()
-    if args.type in ("f16", "bf16"):
-        cast = torch.float16 if args.type == "f16" else torch.bfloat16
-        with torch.no_grad():
-            for p in ref.parameters():
-                if p.dim() > 1:
-                    p.copy_(p.to(cast).float())
-    stops = ref.generation_config.eos_token_id
-    stops = [stops] if isinstance(stops, int) else list(stops or [tok.eos_token_id])
+    ref = reference_model(Path(args.folder), args.type)
+    stops = stop_ids(Path(args.folder), tok)
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=512, logits_all=False, verbose=False,
                           n_threads=2)
     rows, same_tokens, same_answers = [], 0, 0

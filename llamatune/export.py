@@ -21,14 +21,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from llamatune.errors import UserError
 
-__all__ = ["GGUF_TYPES", "Q8_PPL_BOUND", "ExportVerificationError", "export_gguf", "run_export"]
+__all__ = ["GGUF_TYPES", "Q8_PPL_BOUND", "ExportVerificationError", "export_gguf", "reference_model",
+           "run_export", "stop_ids"]
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 Q8_PPL_BOUND = 0.01
@@ -186,7 +186,7 @@ def _tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     return meta
 
 
-def _gguf_tensor(name: str, tensor, gguf_type: str):
+def _gguf_tensor(tensor, gguf_type: str):
     """``(array, raw_dtype)`` for one tensor: norms in f32, matrices in the export type."""
     import gguf
     import numpy as np
@@ -272,7 +272,7 @@ def write_gguf(folder: Path, path: Path, gguf_type: str, name: str) -> None:
             continue
         else:
             raise UserError(f"{folder}: tensor {hf} has no place in a Llama GGUF.")
-        data, raw = _gguf_tensor(out, t.to(torch.float32), gguf_type)
+        data, raw = _gguf_tensor(t.to(torch.float32), gguf_type)
         w.add_tensor(out, data, raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -305,6 +305,43 @@ def _prompts(folder: Path, tokenizer, n: int) -> tuple[list[str], str]:
                                            add_generation_prompt=True)
              for p in FALLBACK_PROMPTS[:n]]
     return texts, "llamatune's fixed export prompts"
+
+
+def stop_ids(folder: Path, tokenizer) -> list[int]:
+    """The model folder's stop tokens.
+
+    Its generation config's ``eos_token_id`` (a merged run lists the template's end tokens
+    there), else the tokenizer's EOS.
+    """
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(str(folder)).eos_token_id
+    except OSError:
+        eos = None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return sorted({i for i in eos if i is not None})
+
+
+def reference_model(folder: Path, gguf_type: str):
+    """The folder's model in float32, its matrices rounded as the export stores them.
+
+    ``f16``/``bf16`` round every matrix to that type; ``q8_0`` leaves full precision (its
+    comparison is a bound, not equality).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    if gguf_type in ("f16", "bf16"):
+        cast = torch.float16 if gguf_type == "f16" else torch.bfloat16
+        with torch.no_grad():
+            for p in ref.parameters():
+                if p.dim() > 1:
+                    p.copy_(p.to(cast).float())
+    return ref
 
 
 def _nll(model, ids: list[int], start: int) -> tuple[float, int]:
@@ -340,20 +377,10 @@ def verify_gguf(folder: Path, path: Path, gguf_type: str, n: int = 8,
     template_equal = (getattr(gtok, "chat_template", None) or None) == \
         (getattr(tok, "chat_template", None) or None)
 
-    ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    if gguf_type in ("f16", "bf16"):  # the merged weights as the export stores them
-        cast = torch.float16 if gguf_type == "f16" else torch.bfloat16
-        with torch.no_grad():
-            for p in ref.parameters():
-                if p.dim() > 1:
-                    p.copy_(p.to(cast).float())
+    ref = reference_model(folder, gguf_type)
     gmodel = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                   dtype=torch.float32).eval()
-    stops = [tok.eos_token_id] + [i for i in (ref.generation_config.eos_token_id or [])
-                                  if isinstance(i, int)] \
-        if not isinstance(ref.generation_config.eos_token_id, int) else \
-        [ref.generation_config.eos_token_id]
-    stops = sorted({s for s in stops if s is not None})
+    stops = stop_ids(folder, tok)
     a = generate(ref, tok, ids, stop_ids=stops, max_new_tokens=max_new_tokens, greedy=True)
     b = generate(gmodel, tok, ids, stop_ids=stops, max_new_tokens=max_new_tokens, greedy=True)
     same = sum(x == y for x, y in zip(a.ids, b.ids))
@@ -372,7 +399,7 @@ def verify_gguf(folder: Path, path: Path, gguf_type: str, n: int = 8,
 
 
 # -- the command ------------------------------------------------------------------------------
-def _modelfile(gguf_name: str, tokenizer, stops: list[str]) -> str:
+def _modelfile(gguf_name: str, stops: list[str]) -> str:
     lines = ["# Ollama: ollama create NAME -f THIS_FILE", f"FROM ./{gguf_name}",
              "# The chat template travels inside the GGUF (tokenizer.chat_template); Ollama "
              "reads it from there.", "PARAMETER temperature 0.7"]
@@ -390,7 +417,7 @@ def export_gguf(folder: Path, out: Path, gguf_type: str = "f16", verify: bool = 
     Raises:
         ExportVerificationError: The read-back differs; nothing is left at ``out``.
     """
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".gguf", dir=out.parent)
@@ -410,15 +437,10 @@ def export_gguf(folder: Path, out: Path, gguf_type: str = "f16", verify: bool = 
                     f"the GGUF read back does not reproduce {folder}: {result.summary()}. "
                     f"Nothing was written to {out}; report this as a bug.")
         tok = AutoTokenizer.from_pretrained(str(folder))
-        try:
-            eos = GenerationConfig.from_pretrained(str(folder)).eos_token_id
-        except OSError:
-            eos = tok.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        stops = [tok.convert_ids_to_tokens(i) for i in eos if i is not None]
+        stops = [tok.convert_ids_to_tokens(i) for i in stop_ids(folder, tok)]
         modelfile = out.with_suffix(".Modelfile")
         mtmp = modelfile.with_name(f".{modelfile.name}.tmp")
-        mtmp.write_text(_modelfile(out.name, tok, stops))
+        mtmp.write_text(_modelfile(out.name, stops))
         os.replace(tmp, out)
         os.replace(mtmp, modelfile)
     except BaseException:
@@ -476,6 +498,3 @@ def run_export(path: str, gguf: str, gguf_type: str = "f16", verify: bool = True
           f"-cnv; Ollama: ollama create NAME -f {out.with_suffix('.Modelfile')}", flush=True)
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use `llamatune export`")
