@@ -243,19 +243,17 @@ def _write_json(path: Path, obj) -> None:
 
 def _inputs(plan: Plan) -> dict:
     """Fingerprints of the runs a stage starts from (its upstream stages' final weights)."""
-    out = {}
-    for key in ("model.adapter", "ppo.reward_model"):
-        val = flatten(config_to_dict(plan.cfg)).get(key)
-        if val and Path(val).is_dir():
-            out[key] = _fingerprint(Path(val))
-    return out
+    sources = {"model.adapter": plan.cfg.model.adapter,
+               "ppo.reward_model": plan.cfg.ppo.reward_model}
+    return {key: _fingerprint(Path(val)) for key, val in sources.items()
+            if val and Path(val).is_dir()}
 
 
 def _differences(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def _decide(plan: Plan, redo: bool, upstream_ran: bool, state: dict, from_hint: str) -> str:
+def _decide(plan: Plan, redo: bool, upstream_ran: bool, state: dict) -> str:
     """``skip``, ``resume``, ``fresh`` or ``redo`` for one stage (or raise, naming the keys)."""
     from llamatune.rundir import checkpoints, is_finished
 
@@ -279,7 +277,7 @@ def _decide(plan: Plan, redo: bool, upstream_ran: bool, state: dict, from_hint: 
             f"pipeline stage {plan.command}: {folder} holds a "
             f"{'finished' if finished else 'started'} run whose config differs from this "
             f"recipe in {shown}. Rerun with --from {plan.command} to redo it and every stage "
-            f"after it{from_hint}, or restore the recipe.")
+            "after it, or restore the recipe.")
     return "skip" if finished else "resume"
 
 
@@ -305,7 +303,7 @@ def _run_stage(plan: Plan, how: str) -> None:
     module.main(cfg, plan.recipe_path)
 
 
-def _headline(plan_command: str, folder: Path) -> str:
+def _headline(folder: Path) -> str:
     from llamatune.report import key_figures
 
     fig = key_figures(folder)
@@ -350,7 +348,7 @@ def run_pipeline(path: str, overrides: list[str] | None = None,
     redo_from = STEPS.index(from_stage) if from_stage else len(STEPS)
     for plan in plans:
         redo = STEPS.index(plan.command) >= redo_from
-        how = _decide(plan, redo, upstream_ran, state, "")
+        how = _decide(plan, redo, upstream_ran, state)
         t = time.perf_counter()
         if how == "skip":
             print(f"pipeline: {plan.command} skipped ({plan.folder} is finished, same config)",
@@ -367,7 +365,7 @@ def run_pipeline(path: str, overrides: list[str] | None = None,
             _release_memory()
         rows.append({"stage": plan.command, "status": "skipped" if how == "skip" else
                      ("resumed" if how == "resume" else "ran"), "wall_s": wall,
-                     "key_figure": _headline(plan.command, plan.folder),
+                     "key_figure": _headline(plan.folder),
                      "folder": str(plan.folder)})
     if merge is not False:
         rows.append(_merge(plans[-1].folder, out_dir / "merged", merge, state,
