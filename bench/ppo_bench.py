@@ -49,8 +49,8 @@ SHARED = ["ppo.advantage=grpo", "ppo.rollout_batch=2", "ppo.k=8", "ppo.max_new_t
           "ppo.temperature=1.0", "ppo.kl_coef=0.0", "ppo.max_kl=null",
           "ppo.missing_eos_penalty=null",
           "train.lr=1e-4", "train.warmup_steps=0", "train.schedule=constant",
-          "train.batch_size=16", "train.grad_accum=1", "data.eval_split=0", "train.eval_every=0",
-          "train.save_every=0", "train.progress=false", "ppo.sample_every=0", "lora.r=16",
+          "train.batch_size=16", "train.grad_accum=1", "data.eval_split=0",
+          "ppo.sample_every=0", "lora.r=16",
           "lora.alpha=32", "lora.dropout=0.0"]
 MIN_RATIO, MAX_PPO_OVER_SFT = 2.0, 1.5
 
@@ -64,17 +64,25 @@ def _fifths(rewards: list[float]) -> tuple[float, float]:
     return sum(rewards[:k]) / k, sum(rewards[-k:]) / k
 
 
-def run_llamatune(updates: int, out: Path) -> dict:
-    from llamatune.config import load_config
-    from llamatune.recipes.ppo import PPORecipe
+QUIET = ["overwrite=true", "train.eval_every=0", "train.save_every=0", "train.progress=false"]
 
-    cfg = load_config(RECIPE, SHARED + [f"train.max_steps={updates}", f"output_dir={out}",
-                                        "overwrite=true"])
-    r = PPORecipe(cfg, str(RECIPE))
+
+def _run_recipe(recipe: Path, overrides: list[str], steps: int, out: Path) -> float:
+    """Run a llamatune stage recipe for ``steps`` steps in this process; training seconds."""
+    from llamatune.config import load_config
+    from llamatune.recipes import ppo, sft
+
+    cfg = load_config(recipe, overrides + QUIET + [f"train.max_steps={steps}",
+                                                   f"output_dir={out}"])
+    r = (ppo.PPORecipe if cfg.stage == "ppo" else sft.SFTRecipe)(cfg, str(recipe))
     r.setup()
     t = time.perf_counter()
     r.train()
-    secs = time.perf_counter() - t
+    return time.perf_counter() - t
+
+
+def run_llamatune(updates: int, out: Path) -> dict:
+    secs = _run_recipe(RECIPE, SHARED, updates, out)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rewards = [x["reward_mean"] for x in rows if "reward_mean" in x]
     return {"s_per_update": secs / updates, "rewards": rewards}
@@ -122,33 +130,14 @@ def run_trl(updates: int, out: Path) -> dict:
 
 
 def run_sft(steps: int, out: Path) -> dict:
-    from llamatune.config import load_config
-    from llamatune.recipes.sft import SFTRecipe
-
-    recipe = REPO / "recipes" / "alpaca.yaml"
-    cfg = load_config(recipe, [f"train.max_steps={steps}", f"output_dir={out}", "overwrite=true",
-                               "train.eval_every=0", "train.save_every=0", "train.progress=false",
-                               "data.eval_split=0"])
-    r = SFTRecipe(cfg, str(recipe))
-    r.setup()
-    r.train()
+    _run_recipe(REPO / "recipes" / "alpaca.yaml", ["data.eval_split=0"], steps, out)
     return {}
 
 
 def run_ppo(steps: int, out: Path) -> dict:
     """``recipes/ppo.yaml``: PPO with a value head against the stacked reward model."""
-    from llamatune.config import load_config
-    from llamatune.recipes.ppo import PPORecipe
-
-    recipe = REPO / "recipes" / "ppo.yaml"
-    cfg = load_config(recipe, [f"train.max_steps={steps}", f"output_dir={out}", "overwrite=true",
-                               "train.eval_every=0", "train.save_every=0", "train.progress=false",
-                               "ppo.sample_every=0"])
-    r = PPORecipe(cfg, str(recipe))
-    r.setup()
-    t = time.perf_counter()
-    r.train()
-    return {"s_per_update": (time.perf_counter() - t) / steps}
+    secs = _run_recipe(REPO / "recipes" / "ppo.yaml", ["ppo.sample_every=0"], steps, out)
+    return {"s_per_update": secs / steps}
 
 
 def child(args) -> None:
