@@ -41,7 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"llamatune {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in _TRAIN_STAGES.items():
-        _recipe_args(sub.add_parser(name, help=help_, description=help_))
+        p = sub.add_parser(name, help=help_, description=help_)
+        _recipe_args(p)
+        p.add_argument("--accelerate_config", "--accelerate-config", default=None,
+                       metavar="NAME|PATH", help="run under `accelerate launch` with this config "
+                       "(a packaged one from `llamatune ls --accelerate`, or a file)")
+        p.add_argument("--num_processes", "--num-processes", type=int, default=None,
+                       metavar="N", help="with --accelerate_config: processes to launch")
     for name, help_ in _PLANNED.items():
         p = sub.add_parser(name, help=f"{help_} (not yet available)")
         _recipe_args(p)
@@ -130,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p = sub.add_parser("ls", help="list shipped recipes and templates")
     p.add_argument("--templates", action="store_true", help="list chat templates")
+    p.add_argument("--accelerate", action="store_true",
+                   help="list the packaged accelerate configs (--accelerate_config NAME)")
     p = sub.add_parser("cp", help="copy a shipped recipe to edit")
     p.add_argument("name")
     p.add_argument("dest")
@@ -166,6 +174,17 @@ def _cmd_train(args) -> int:
 
     cfg, path = _load(args)
     claim_stage(cfg, args.command, path)
+    if args.accelerate_config is not None:
+        from llamatune import dist
+
+        return dist.launch(args.accelerate_config, args.num_processes,
+                           [args.command, args.recipe, *args.overrides])
+    if args.num_processes is not None:
+        raise UserError("--num_processes goes with --accelerate_config NAME (`llamatune ls "
+                        "--accelerate`), or use `accelerate launch --num_processes N -m llamatune "
+                        f"{args.command} ...`.")
+    if int(os.environ.get("RANK", "0") or 0) > 0:  # under a launcher, the main process speaks
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
     module = importlib.import_module(_TRAIN_STAGES[args.command][0])
     return module.main(cfg, path)
 
@@ -212,6 +231,14 @@ def _cmd_ls(args) -> int:
     if args.templates:
         for t in TEMPLATES.values():
             print(f"{t.name:10s} {t.description}")
+        return 0
+    if args.accelerate:
+        from llamatune.dist import launch_configs
+
+        for name, path in launch_configs().items():
+            first = next((ln[1:].strip() for ln in path.read_text().splitlines()
+                          if ln.startswith("#") and ln[1:].strip()), "")
+            print(f"{name:8s} {first}")
         return 0
     for name, path in list_recipes().items():
         first = next((ln[1:].strip() for ln in path.read_text().splitlines()

@@ -49,6 +49,27 @@ class Net(torch.nn.Module):
         self.heads = torch.nn.ModuleDict(heads or {})
         self.chunked_head = chunked_head
 
+    # -- a launcher's wrapper ---------------------------------------------------------------
+    def wrap(self, wrapper) -> None:
+        """Send every later call of this net through ``wrapper`` (DDP, FSDP: see ``dist``).
+
+        Stages keep calling the net they hold; each call enters the wrapper's forward (which
+        calls back into this module), so gradient synchronization and sharding see every
+        forward pass. Held outside the module tree, so it is not a submodule.
+        """
+        self.__dict__["_wrapper"] = wrapper
+
+    def __call__(self, *args, **kwargs):
+        """Call the net (through its wrapper, when it has one)."""
+        wrapper = self.__dict__.get("_wrapper")
+        if wrapper is None or self.__dict__.get("_inside"):
+            return super().__call__(*args, **kwargs)
+        self.__dict__["_inside"] = True
+        try:
+            return wrapper(*args, **kwargs)
+        finally:
+            self.__dict__["_inside"] = False
+
     # -- what the ops share ------------------------------------------------------------------
     @property
     def inner(self):

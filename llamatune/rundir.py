@@ -176,13 +176,18 @@ def write_final(run_dir: Path, write) -> None:
         run_dir: The run directory.
         write: ``callable(folder)`` that writes the files (adapter, heads, ...).
     """
-    tmp = run_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    for f in tmp.iterdir():
-        os.replace(f, run_dir / f.name)
-    tmp.rmdir()
+    from llamatune import dist
+
+    with dist.on_main() as main:  # under a launcher, one process writes
+        if not main:
+            return
+        tmp = run_dir / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, run_dir / f.name)
+        tmp.rmdir()
 
 
 def keep_copy(run_dir: Path, src: str, name: str, files=ADAPTER_FILES) -> Path:
@@ -190,9 +195,19 @@ def keep_copy(run_dir: Path, src: str, name: str, files=ADAPTER_FILES) -> Path:
 
     A copy already there (a resumed run) is kept, even if ``src`` has moved since.
     """
+    from llamatune import dist
+
     dest = run_dir / name
+    with dist.on_main() as main:  # under a launcher, one process copies; all then read it
+        if main:
+            _copy_in(src, dest, files)
+    return dest
+
+
+def _copy_in(src: str, dest: Path, files) -> None:
     if Path(src).resolve() == dest.resolve() or (dest / files[0]).is_file():
-        return dest
+        return
+    run_dir, name = dest.parent, dest.name
     tmp = run_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -200,7 +215,6 @@ def keep_copy(run_dir: Path, src: str, name: str, files=ADAPTER_FILES) -> Path:
         if (Path(src) / f).is_file():
             shutil.copy2(Path(src) / f, tmp / f)
     os.replace(tmp, dest)
-    return dest
 
 
 REFERENCE_DIR = "reference_adapter"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from llamatune import dist
 from llamatune.config import Config, TrainConfig
 from llamatune.errors import UserError
 from llamatune.rundir import checkpoints, latest_checkpoint
@@ -145,19 +146,47 @@ def build_scheduler(optimizer, tcfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class Part(list):
+    """One process's sample indices of a global micro-batch (a list).
+
+    ``dummy``: this process's share of a short last micro-batch was empty, so the part holds
+    one sample of the batch only to keep the processes' forward and backward passes in step;
+    the loop gives it no weight.
+    """
+
+    dummy = False
+
+
+def _parts(groups: list[list[int]], shard: bool) -> list[Part]:
+    out = []
+    for g in groups:
+        part = Part(dist.shard(g) if shard else g)
+        if not part:
+            part, part.dummy = Part(g[:1]), True
+        out.append(part)
+    return out
+
+
 def batch_groups(lengths: list[int], tcfg: TrainConfig, epoch: int,
-                 shuffle: bool = True) -> list[list[int]]:
+                 shuffle: bool = True, shard: bool | None = None) -> list[Part]:
     """Sample indices of one epoch's micro-batches, in a seeded order that depends only on the epoch.
 
     With ``group_by_length``, samples are sorted by length within chunks of 64 batches, so
     each batch holds similar lengths (little padding), and the batches are then shuffled so
     the order still looks random to the optimizer.
+
+    Under a launcher the groups are *global* micro-batches of ``batch_size`` x processes
+    samples, formed exactly as one process would form them at that batch size, and each
+    process keeps its slice (:func:`llamatune.dist.shard`): N processes see the same global
+    batches as one. ``shard`` (default: ``shuffle``, i.e. training batches) turns that off
+    for evaluation, which every process runs whole.
     """
+    shard = shuffle if shard is None else shard
     order = list(range(len(lengths)))
     rng = random.Random(tcfg.seed * 1_000_003 + epoch)
     if shuffle:
         rng.shuffle(order)
-    bs = tcfg.batch_size
+    bs = tcfg.batch_size * (dist.world().size if shard else 1)
     groups = [order[i : i + bs] for i in range(0, len(order), bs)]
     if shuffle and tcfg.group_by_length:
         chunk = 64 * bs
@@ -166,7 +195,16 @@ def batch_groups(lengths: list[int], tcfg: TrainConfig, epoch: int,
             part = sorted(order[c : c + chunk], key=lambda i: lengths[i])
             groups += [part[i : i + bs] for i in range(0, len(part), bs)]
         rng.shuffle(groups)
-    return groups
+    return _parts(groups, shard)
+
+
+def _mark(batch: dict, part: Part) -> dict:
+    """Flag a dummy part's batch (see :class:`Part`) with a tensor, as stages move every value."""
+    if part.dummy:
+        import torch
+
+        batch["dummy"] = torch.tensor(True)
+    return batch
 
 
 def epoch_batches(
@@ -184,11 +222,13 @@ def epoch_batches(
         rng = random.Random(tcfg.seed * 1_000_003 + epoch)
         if shuffle:
             rng.shuffle(order)
-        bs = tcfg.batch_size
+        bs = tcfg.batch_size * (dist.world().size if shuffle else 1)
         rows = pack([samples[i] for i in order], tcfg.max_length)
-        return [packed_batch(rows[i : i + bs], pad_id) for i in range(0, len(rows), bs)]
+        parts = _parts([list(range(i, min(i + bs, len(rows)))) for i in range(0, len(rows), bs)],
+                       shuffle)
+        return [_mark(packed_batch([rows[i] for i in g], pad_id), g) for g in parts]
     lengths = [len(s["input_ids"]) for s in samples]
-    return [pad_batch([samples[i] for i in g], pad_id)
+    return [_mark(pad_batch([samples[i] for i in g], pad_id), g)
             for g in batch_groups(lengths, tcfg, epoch, shuffle)]
 
 
@@ -287,7 +327,7 @@ def pair_batches(samples: list[dict], tcfg: TrainConfig, epoch: int, pad_id: int
         if "ref_logp" in samples[g[0]]:  # precomputed reference log-probs (DPO)
             batch["ref_logp"] = torch.tensor([samples[i]["ref_logp"][k] for k in (0, 1)
                                               for i in g], dtype=torch.float64)
-        out.append(batch)
+        out.append(_mark(batch, g))
     return out
 
 
@@ -306,7 +346,8 @@ class MetricsWriter:
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
-        if resume_step is not None and path.exists():
+        self.enabled = dist.world().main  # under a launcher, the main process writes
+        if self.enabled and resume_step is not None and path.exists():
             # Drop rows logged after the checkpoint we resume from: they will be redone. A
             # process killed mid-write leaves a torn last line; it goes too.
             keep = []
@@ -323,6 +364,8 @@ class MetricsWriter:
 
     def write(self, row: dict) -> None:
         """Append a row and flush."""
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -408,21 +451,37 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         keep: Keep this many newest checkpoints.
         save_model: ``callable(model, folder)`` writing the trainable weights.
 
+    Under a launcher every process calls it: the weights and optimizer are the same on
+    every process (DDP), each process's random state is gathered, and the main process
+    writes the folder while the others wait.
+
     Returns:
         The checkpoint folder.
     """
     import torch
-    from safetensors.torch import save_file
 
     final = run_dir / f"checkpoint-{step}"
+    states = dist.gather({"torch": torch.get_rng_state(), **(
+        {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})})
+    with dist.on_main() as main:
+        if main:
+            _write_checkpoint(run_dir, final, step, model, optimizer, scheduler, state, keep,
+                              save_model, states)
+    return final
+
+
+def _write_checkpoint(run_dir, final, step, model, optimizer, scheduler, state, keep,
+                      save_model, states) -> None:
+    from safetensors.torch import save_file
+
     tmp = run_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, tmp)
     _save_optimizer(optimizer, tmp)
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
+    rng = dict(states[0])  # the main process's, under the names a single process uses
+    for rank, st in enumerate(states[1:], 1):
+        rng.update({f"{k}.{rank}": v for k, v in st.items()})
     save_file(rng, str(tmp / "rng.safetensors"))
     full_state = dict(state, step=step, scheduler=scheduler.state_dict(),
                       python_rng=_py_rng_to_json(random.getstate()), time=time.time())
@@ -433,7 +492,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     ckpts = checkpoints(run_dir)
     for old in ckpts[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_checkpoint(folder: Path, optimizer, scheduler, lr: float | None = None) -> dict:
@@ -459,9 +517,11 @@ def load_checkpoint(folder: Path, optimizer, scheduler, lr: float | None = None)
             group["lr"] = lr * factor(scheduler.last_epoch)
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     rng = load_file(str(folder / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    rank = dist.world().rank
+    mine = {k: rng.get(f"{k}.{rank}", v) for k, v in rng.items() if "." not in k}
+    torch.set_rng_state(mine["torch"])
+    if "cuda" in mine and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda"])
     random.setstate(_py_rng_from_json(state["python_rng"]))
     return state
 
@@ -592,13 +652,19 @@ def start(cfg: Config, kind: str, command: str, recipe_path: str | None = None) 
 
     run_dir = rundir.prepare_output_dir(cfg)
     check(cfg, kind, command)
+    with dist.on_main() as main:  # a built-in model is converted once, by one process
+        if main:
+            resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model.path))
     data = prepare(cfg, tokenizer, kind, command, recipe_path)
     print(f"data: {data.summary()}", flush=True)
     order = data_order(cfg, data.train)
     ckpt = resume_checkpoint(cfg, run_dir, order) if cfg.resume else None
-    rundir.create_output_dir(cfg, run_dir)
-    rundir.write_run_files(run_dir, rundir.absolute_config(cfg, recipe_path), tokenizer)
+    dist.barrier()  # every process has checked output_dir before one writes to it
+    with dist.on_main() as main:
+        if main:
+            rundir.create_output_dir(cfg, run_dir)
+            rundir.write_run_files(run_dir, rundir.absolute_config(cfg, recipe_path), tokenizer)
     set_seed(cfg.train.seed)
     return Start(run_dir, tokenizer, data, order, ckpt)
 
@@ -672,13 +738,24 @@ class Loop:
         per_step = 1 if hasattr(stage, "iteration") else tc.grad_accum  # an iteration: one batch
         self.steps_per_epoch = max(1, math.ceil(n_micro / per_step))
         self.total_steps = tc.step_cap or math.ceil(tc.epochs * self.steps_per_epoch)
+        from llamatune.model import fp32_trainable, load_trainable
+
+        fp32_trainable(loaded.net)
+        if begun.resume_from is not None:  # before a launcher's wrapper shards the weights
+            load_trainable(loaded, begun.resume_from)
+        # Under a launcher: the net wrapped (DDP, FSDP2) before the optimizer sees its weights.
+        self.wrapped = dist.prepare(loaded.net)
         self.optimizer = build_optimizer(loaded.net, tc)
         self.scheduler = build_scheduler(self.optimizer, tc, self.total_steps)
+        w = dist.world()
+        if w.size > 1:
+            units = "prompts" if hasattr(stage, "iteration") else "samples"
+            per = (f"{cfg.ppo.rollout_batch} prompts" if units == "prompts" else
+                   f"{tc.batch_size} x {tc.grad_accum} accumulation")
+            print(f"{w.size} processes ({w.scheme}): global batch {per} x {w.size} processes",
+                  flush=True)
         resume_step = None
         if begun.resume_from is not None:
-            from llamatune.model import load_trainable
-
-            load_trainable(loaded, begun.resume_from)
             state = load_checkpoint(begun.resume_from, self.optimizer, self.scheduler, tc.lr)
             self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
             if hasattr(stage, "load_state") and "stage" in state:
@@ -721,29 +798,46 @@ class Loop:
         tc = self.cfg.train
         grad_norm = None
         if tc.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, tc.max_grad_norm))
+            acc = dist.world().accelerator  # FSDP's shards need its own norm
+            clip = acc.clip_grad_norm_ if acc is not None else torch.nn.utils.clip_grad_norm_
+            norm = clip(self._params, tc.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         check_finite(self.step + 1, loss, grad_norm, self.run_dir)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
         return grad_norm
 
     def _window_step(self) -> tuple[float, dict, int, float | None]:
-        """One optimizer step over ``train.grad_accum`` micro-batches (the default step)."""
-        stage = self.stage
+        """One optimizer step over ``train.grad_accum`` micro-batches (the default step).
+
+        Normalized over the whole window, and under a launcher over every process's window
+        (the count is summed across processes first, and the wrapper's gradient average is
+        undone), so every unit weighs the same wherever it landed: N processes at the same
+        global batch take the step one process would.
+        """
+        import contextlib
+
+        stage, size = self.stage, dist.world().size
         window = [self.next_batch() for _ in range(self.cfg.train.grad_accum)]
-        # Normalized over the whole window: every unit weighs the same.
-        count = sum(stage.count(b) for b in window)
+        real = [not bool(b.get("dummy", False)) for b in window]
+        count = dist.all_sum([sum(stage.count(b) for b, r in zip(window, real) if r)])[0]
         step_loss, sums, tokens = 0.0, {}, 0
-        for b in window:
-            loss_sum, figures = stage.loss(b)
-            (loss_sum / count).backward()
+        for i, (b, r) in enumerate(zip(window, real)):
+            last = i == len(window) - 1  # gradients are synchronized on the last backward
+            with contextlib.nullcontext() if last else dist.no_sync(self.wrapped):
+                loss_sum, figures = stage.loss(b)
+                if not r:  # a dummy part: in step with the other processes, no weight
+                    loss_sum, figures = loss_sum * 0, {k: 0.0 for k in figures}
+                (loss_sum * (size / count)).backward()
             step_loss += loss_sum.item()
             for k, v in figures.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            tokens += int(b["n_real"])
-        loss = step_loss / count
-        grad_norm = self.apply(loss)
-        return loss, {k: v / count for k, v in sums.items()}, tokens, grad_norm
+            tokens += int(b["n_real"]) if r else 0
+        keys = sorted(sums)
+        total = dist.all_sum([step_loss, tokens, *(sums[k] for k in keys)])
+        grad_norm = self.apply(total[0] / count)
+        return (total[0] / count, {k: v / count for k, v in zip(keys, total[2:])},
+                int(total[1]), grad_norm)
 
     def run(self) -> None:
         """Run the steps, logging, evaluating and checkpointing on schedule.
@@ -754,7 +848,7 @@ class Loop:
         """
         tc, stage, net = self.cfg.train, self.stage, self.loaded.net
         net.train()
-        bar = Progress(self.total_steps, self.step, tc.progress, stage.name)
+        bar = Progress(self.total_steps, self.step, tc.progress and dist.world().main, stage.name)
         self._params = [p for p in net.parameters() if p.requires_grad]
         step = getattr(stage, "iteration", None)
         t_log, tokens_log = time.perf_counter(), 0
@@ -830,7 +924,8 @@ def run_stage(recipe) -> int:
     recipe.setup()
     recipe.train()
     recipe.cleanup()
-    draw_plots(recipe.run_dir)
+    if dist.world().main:
+        draw_plots(recipe.run_dir)
     return 0
 
 

@@ -1,0 +1,198 @@
+"""Two processes on the CPU (gloo), launched by accelerate: the same run as one process.
+
+At the same global batch (``train.batch_size`` x processes), N processes must write the loss
+rows one process writes (fp32), one copy of every file, and resume exactly after a kill.
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import WORDS, make_recipe, write_jsonl
+from test_reward import _cfg_sections, _pairs
+
+from llamatune import dist
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp_path):
+    env = dict(os.environ, LLAMATUNE_CACHE=str(tmp_path / "cache"), LLAMATUNE_CPU_BF16="0",
+               OMP_NUM_THREADS="1", MASTER_PORT=str(_port()), HF_HUB_OFFLINE="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _launch_cmd(n, argv):
+    if n == 1:
+        return [sys.executable, "-m", "llamatune", *argv]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+            "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "-m", "llamatune", *argv]
+
+
+def _run(tmp_path, n, argv):
+    proc = subprocess.run(_launch_cmd(n, argv), cwd=REPO, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _rows(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _sft_data(tmp_path, n=33):
+    """33 rows: with a global batch of 8 an epoch ends on a batch of 1 (one process idles)."""
+    rng = random.Random(5)
+    rows = [{"instruction": f"tell me about {rng.choice(WORDS)}", "input": "",
+             "output": f"sure {rng.choice(WORDS)} is {rng.choice(WORDS)} " * rng.randint(1, 4)}
+            for _ in range(n)]
+    return write_jsonl(tmp_path / "alpaca.jsonl", rows)
+
+
+def _same_rows(one, two, keys):
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for k in keys:
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+
+
+def _one_copy_of_everything(run):
+    assert not list(run.glob(".*tmp")), "no temporary folder left behind"
+    rows = _rows(run)
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == sorted(set(steps)), "one metrics row per step"
+    assert (run / "adapter_model.safetensors").is_file()
+
+
+def test_shard_splits_a_global_batch_as_one_process_sees_it():
+    items = list(range(7))
+    parts = [dist.shard(items, r, 2) for r in range(2)]
+    assert parts == [[0, 1, 2, 3], [4, 5, 6]]
+    assert [dist.shard([9], r, 2) for r in range(2)] == [[9], []]
+    assert dist.shard(items) == items  # one process: everything
+
+
+def test_each_process_trains_on_its_own_slice_of_the_global_batches(monkeypatch):
+    from llamatune import training
+    from llamatune.config import TrainConfig
+
+    lengths = [random.Random(i).randint(3, 40) for i in range(33)]
+    one = training.batch_groups(lengths, TrainConfig(batch_size=8), epoch=1)
+    parts = []
+    for rank in range(2):
+        monkeypatch.setattr(dist, "_WORLD", dist.World(rank=rank, size=2))
+        parts.append(training.batch_groups(lengths, TrainConfig(batch_size=4), epoch=1))
+    assert len(parts[0]) == len(parts[1]) == len(one) == 5
+    for g, a, b in zip(one, *parts):
+        if b.dummy:  # the short last batch: all on rank 0, rank 1 idles on a weightless copy
+            assert list(a) == g and len(b) == 1 and not a.dummy
+        else:
+            assert list(a) + list(b) == g and set(a).isdisjoint(b)
+    assert sum(p.dummy for p in parts[1]) == 1
+    # Evaluation is not sharded: every process scores all of it.
+    assert training.batch_groups(lengths, TrainConfig(batch_size=4), 0, shuffle=False) == \
+        [list(range(i, min(i + 4, 33))) for i in range(0, 33, 4)]
+
+
+def test_sft_two_processes_give_the_loss_rows_of_one(tmp_path, tiny_model_dir):
+    data = _sft_data(tmp_path)
+    common = dict(model={"dtype": "float32"}, data={"eval_split": 0.1},
+                  train={"max_steps": 6, "grad_accum": 2, "lr": 1e-2, "eval_every": 3})
+    one = make_recipe(tmp_path / "one", tiny_model_dir, data, **common)
+    two = make_recipe(tmp_path / "two", tiny_model_dir, data, **common)
+    _run(tmp_path, 1, ["sft", str(one), "train.batch_size=4"])
+    proc = _run(tmp_path, 2, ["sft", str(two), "train.batch_size=2"])
+    assert "2 processes (ddp): global batch 2 x 2 accumulation x 2 processes" in proc.stdout
+    assert proc.stdout.count("data: ") == 1, "only the main process prints"
+    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
+    assert len([r for r in b if "loss" in r]) == 6
+    _same_rows(a, b, ["loss", "grad_norm", "eval_loss"])
+    _one_copy_of_everything(tmp_path / "two" / "run")
+
+
+def test_rm_two_processes_give_the_loss_rows_of_one(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "pref.jsonl", _pairs())
+    sections = _cfg_sections(model={"dtype": "float32"}, lora={"dropout": 0.0},
+                             train={"max_steps": 5, "lr": 1e-2, "eval_every": 5})
+    one = make_recipe(tmp_path / "one", tiny_model_dir, data, **sections)
+    two = make_recipe(tmp_path / "two", tiny_model_dir, data, **sections)
+    _run(tmp_path, 1, ["rm", str(one), "train.batch_size=6"])
+    # Through llamatune's own launcher: the packaged DDP config.
+    _run(tmp_path, 1, ["rm", str(two), "train.batch_size=3", "--accelerate_config", "ddp",
+                       "--num_processes", "2"])
+    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
+    assert len([r for r in b if "loss" in r]) == 5
+    _same_rows(a, b, ["loss", "accuracy", "grad_norm", "eval_loss", "eval_accuracy"])
+    _one_copy_of_everything(tmp_path / "two" / "run")
+    assert (tmp_path / "two" / "run" / "score_head.safetensors").is_file()
+
+
+def test_kill_under_two_processes_then_resume_continues_exactly(tmp_path, tiny_model_dir):
+    data = _sft_data(tmp_path)
+    common = dict(model={"dtype": "float32"}, data={"eval_split": 0},
+                  train={"max_steps": 24, "batch_size": 2, "save_every": 1,
+                         "keep_checkpoints": 2, "lr": 1e-2})
+    straight = make_recipe(tmp_path / "straight", tiny_model_dir, data, **common)
+    _run(tmp_path, 2, ["sft", str(straight)])
+    want = [r for r in _rows(tmp_path / "straight" / "run") if "loss" in r]
+
+    recipe = make_recipe(tmp_path / "killed", tiny_model_dir, data, **common)
+    run = tmp_path / "killed" / "run"
+    proc = subprocess.Popen(_launch_cmd(2, ["sft", str(recipe)]), cwd=REPO, env=_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count('"loss"') >= 8:
+            break
+        time.sleep(0.002)
+    # The launcher and every process it started (torch's elastic agent puts its workers in
+    # sessions of their own, so the process group is not enough).
+    import psutil
+
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in reversed(family):
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=30)
+    err = proc.communicate()[1].decode()
+    assert not (run / "adapter_model.safetensors").exists(), f"the run ended first: {err[-2000:]}"
+    _run(tmp_path, 2, ["sft", str(recipe), "resume=true"])
+    got = [r for r in _rows(run) if "loss" in r]
+    assert [r["step"] for r in got] == list(range(1, 25))
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], abs=1e-6)
+    _one_copy_of_everything(run)
+    assert not list(run.glob(".checkpoint-*")), "a torn checkpoint is cleaned up"
+
+
+def test_ls_accelerate_lists_the_packaged_configs(capsys):
+    from llamatune.cli import main as cli
+
+    assert cli(["ls", "--accelerate"]) == 0
+    out = capsys.readouterr().out
+    for name in ("single", "ddp", "fsdp2", "zero2", "zero3"):
+        assert name in out
+
+
+def test_unknown_accelerate_config_is_a_one_paragraph_error(tmp_path, tiny_model_dir, capsys):
+    from llamatune.cli import main as cli
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, _sft_data(tmp_path))
+    assert cli(["sft", str(recipe), "--accelerate_config", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--accelerate_config nope" in err and "ddp" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
