@@ -27,7 +27,7 @@ from pathlib import Path
 from llamatune.errors import UserError
 
 __all__ = ["LAUNCH_DIR", "World", "all_sum", "barrier", "gather", "launch", "launch_config",
-           "launch_configs", "launched", "no_sync", "on_main", "prepare", "shard", "world"]
+           "launch_configs", "launched", "mean", "no_sync", "on_main", "prepare", "shard", "world"]
 
 _LAUNCH_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
 LAUNCH_DIR = Path(__file__).resolve().parent / "launch"
@@ -131,6 +131,15 @@ def all_sum(values: list[float]) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=w.accelerator.device)
     torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def mean(figures: dict) -> dict:
+    """Numeric figures averaged over the processes (the same keys on each), or as given alone."""
+    if world().size == 1:
+        return figures
+    keys = sorted(figures)
+    size = world().size
+    return {k: v / size for k, v in zip(keys, all_sum([figures[k] for k in keys]))}
 
 
 def gather(obj) -> list | None:

@@ -168,7 +168,8 @@ def _parts(groups: list[list[int]], shard: bool) -> list[Part]:
 
 
 def batch_groups(lengths: list[int], tcfg: TrainConfig, epoch: int,
-                 shuffle: bool = True, shard: bool | None = None) -> list[Part]:
+                 shuffle: bool = True, shard: bool | None = None,
+                 drop_last: bool = False) -> list[Part]:
     """Sample indices of one epoch's micro-batches, in a seeded order that depends only on the epoch.
 
     With ``group_by_length``, samples are sorted by length within chunks of 64 batches, so
@@ -179,7 +180,8 @@ def batch_groups(lengths: list[int], tcfg: TrainConfig, epoch: int,
     samples, formed exactly as one process would form them at that batch size, and each
     process keeps its slice (:func:`llamatune.dist.shard`): N processes see the same global
     batches as one. ``shard`` (default: ``shuffle``, i.e. training batches) turns that off
-    for evaluation, which every process runs whole.
+    for evaluation, which every process runs whole. ``drop_last`` drops a short last (global)
+    micro-batch instead of splitting it.
     """
     shard = shuffle if shard is None else shard
     order = list(range(len(lengths)))
@@ -195,6 +197,8 @@ def batch_groups(lengths: list[int], tcfg: TrainConfig, epoch: int,
             part = sorted(order[c : c + chunk], key=lambda i: lengths[i])
             groups += [part[i : i + bs] for i in range(0, len(part), bs)]
         rng.shuffle(groups)
+    if drop_last:
+        groups = [g for g in groups if len(g) == bs]
     return _parts(groups, shard)
 
 

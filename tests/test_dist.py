@@ -125,21 +125,48 @@ def test_sft_two_processes_give_the_loss_rows_of_one(tmp_path, tiny_model_dir):
     _one_copy_of_everything(tmp_path / "two" / "run")
 
 
-def test_rm_two_processes_give_the_loss_rows_of_one(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_preference_stages_two_processes_give_the_loss_rows_of_one(stage, tmp_path,
+                                                                   tiny_model_dir):
     data = write_jsonl(tmp_path / "pref.jsonl", _pairs())
-    sections = _cfg_sections(model={"dtype": "float32"}, lora={"dropout": 0.0},
+    sections = _cfg_sections(stage=stage, model={"dtype": "float32"}, lora={"dropout": 0.0},
                              train={"max_steps": 5, "lr": 1e-2, "eval_every": 5})
     one = make_recipe(tmp_path / "one", tiny_model_dir, data, **sections)
     two = make_recipe(tmp_path / "two", tiny_model_dir, data, **sections)
-    _run(tmp_path, 1, ["rm", str(one), "train.batch_size=6"])
+    _run(tmp_path, 1, [stage, str(one), "train.batch_size=6"])
     # Through llamatune's own launcher: the packaged DDP config.
-    _run(tmp_path, 1, ["rm", str(two), "train.batch_size=3", "--accelerate_config", "ddp",
+    _run(tmp_path, 1, [stage, str(two), "train.batch_size=3", "--accelerate_config", "ddp",
                        "--num_processes", "2"])
     a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
     assert len([r for r in b if "loss" in r]) == 5
-    _same_rows(a, b, ["loss", "accuracy", "grad_norm", "eval_loss", "eval_accuracy"])
+    keys = {"rm": ["accuracy", "eval_accuracy"],
+            "dpo": ["reward_accuracy", "reward_margin", "eval_reward_margin"]}[stage]
+    _same_rows(a, b, ["loss", "grad_norm", "eval_loss", *keys])
     _one_copy_of_everything(tmp_path / "two" / "run")
-    assert (tmp_path / "two" / "run" / "score_head.safetensors").is_file()
+    if stage == "rm":
+        assert (tmp_path / "two" / "run" / "score_head.safetensors").is_file()
+
+
+def test_ppo_runs_under_two_processes(tmp_path, tiny_model_dir):
+    from test_ppo import _prompts, _reward_file
+
+    reward = f"{_reward_file(tmp_path)}:cat_count"
+    recipe = make_recipe(tmp_path, tiny_model_dir, _prompts(tmp_path), stage="ppo",
+                         model={"dtype": "float32"},
+                         data={"format": "prompts", "template": "chatml", "eval_split": 4},
+                         ppo={"reward_fn": reward, "rollout_batch": 2, "k": 2,
+                              "max_new_tokens": 6, "sample_every": 1, "advantage": "gae"},
+                         train={"max_steps": 3, "batch_size": 2, "eval_every": 0,
+                                "save_every": 2})
+    proc = _run(tmp_path, 2, ["ppo", str(recipe)])
+    assert "global batch 2 prompts x 2 processes" in proc.stdout
+    run = tmp_path / "run"
+    rows = [r for r in _rows(run) if "reward_mean" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    _one_copy_of_everything(run)
+    assert (run / "value_head.safetensors").is_file()
+    samples = (run / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 3 * 4, "four samples an iteration, written once"
 
 
 def test_kill_under_two_processes_then_resume_continues_exactly(tmp_path, tiny_model_dir):

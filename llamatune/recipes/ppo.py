@@ -29,7 +29,7 @@ import json
 import math
 import time
 
-from llamatune import training
+from llamatune import dist, training
 from llamatune.config import Config
 from llamatune.errors import UserError
 
@@ -121,8 +121,10 @@ class PPORecipe(training.StageRun):
 
         tc = dataclasses.replace(self.cfg.train, batch_size=self.cfg.ppo.rollout_batch,
                                  group_by_length=False)
+        # Per process: under a launcher each process rolls out its own prompts; a short last
+        # batch would leave one without, so it is dropped there.
         groups = training.batch_groups([len(s["input_ids"]) for s in self.train_samples], tc,
-                                       epoch)
+                                       epoch, drop_last=dist.world().size > 1)
         return [{"idx": g} for g in groups]
 
     def iteration(self, loop) -> tuple[float, dict, int, float | None]:
@@ -144,17 +146,21 @@ class PPORecipe(training.StageRun):
         if one_pass and scored["ref"] is not None:
             scored["kl"] = (scored["old"] - scored["ref"]) * roll["mask"]
         figures.update(self._rollout_figures(roll, scored), rollout_s=round(rollout_s, 3),
-                       update_s=round(time.perf_counter() - t1, 3), kl_coef=self.kl.coef)
+                       update_s=round(time.perf_counter() - t1, 3), kl_coef=self.kl.coef,
+                       tokens=int(roll["mask"].sum()))
+        figures = dist.mean(figures)  # every process then adapts and stops alike
+        tokens = int(figures.pop("tokens") * dist.world().size)
+        loss = dist.mean({"loss": loss})["loss"]
         if "kl" in figures:
             self.kl.update(figures["kl"], len(rows))
-        if p.sample_every and (loop.step + 1) % p.sample_every == 0:
+        if p.sample_every and (loop.step + 1) % p.sample_every == 0 and dist.world().main:
             self._write_samples(loop.step + 1, rows, roll, scored)
         if p.max_kl is not None and not figures.get("kl", 0.0) <= p.max_kl:
             raise training.TrainingDiverged(
                 f"ppo.max_kl: the mean KL to the reference reached {figures['kl']:.3g} at "
                 f"iteration {loop.step + 1} (bound {p.max_kl}); the run stopped before its next "
                 "update. Lower train.lr or raise ppo.kl_coef, and resume from the last checkpoint.")
-        return loss, figures, int(roll["mask"].sum()), grad_norm
+        return loss, figures, tokens, grad_norm
 
     def _one_pass(self, n_parts: int) -> bool:
         """Whether the update's own forward can stand in for the scoring pass of the policy.
@@ -302,7 +308,8 @@ class PPORecipe(training.StageRun):
                     vf = value_loss(out["values"] * m, part("values"), part("returns"), m,
                                     p.cliprange_value)
                     loss = pg + p.vf_coef * vf
-                if not ratio <= p.ratio_threshold:  # NaN included: nothing learns from it
+                # NaN included: nothing learns from it (on any process: their steps stay in step)
+                if dist.all_sum([0.0 if ratio <= p.ratio_threshold else 1.0])[0] > 0:
                     skipped += 1
                     continue
                 (loss / tc.grad_accum).backward()
