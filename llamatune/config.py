@@ -151,6 +151,10 @@ class DataConfig:
     """Fraction (below 1) or count (1 and up) of records held out for evaluation; 0 disables."""
     eval_group_by: str | None = None
     """Hold out whole groups (rows sharing this field, such as ``topic``) rather than rows."""
+    holdout_topics: list[str] = field(default_factory=list)
+    """Rows whose ``topic`` field is one of these are set aside: neither trained on nor in the
+    eval split. A pipeline gives every stage the same list, so its held-out check asks the
+    final model about subjects no stage saw."""
     max_samples: int | None = None
     """Use at most this many training records (after the split)."""
     truncation: str = field(default="truncate", metadata=_choice("truncate", "drop"))
@@ -214,6 +218,15 @@ class TrainConfig:
     """Keep the newest N checkpoints."""
     progress: bool = True
     """Show the progress bar."""
+    report_to: list[str] | str = field(default_factory=list)
+    """Trackers that also get every metrics row: ``tensorboard``, ``wandb``, ``trackio`` (one
+    name or a list; off by default). ``metrics.jsonl`` is written either way."""
+
+    @property
+    def trackers(self) -> list[str]:
+        """``train.report_to`` as a list of names (``none`` and ``[]`` mean none)."""
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        return [n for n in names if n not in ("none", "")]
 
     @property
     def step_cap(self) -> int:
@@ -242,7 +255,15 @@ class TrainConfig:
             out.append(("train.lr", f"must be > 0, got {self.lr}"))
         if not 0 <= self.warmup_ratio < 1:
             out.append(("train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"))
+        for name in self.trackers:
+            if name not in TRACKERS:
+                out.append(("train.report_to", f"{name!r} is not a tracker; use "
+                            f"{', '.join(TRACKERS)} (or none)"))
         return out
+
+
+TRACKERS = ("tensorboard", "wandb", "trackio")
+"""What ``train.report_to`` may name."""
 
 
 @dataclass

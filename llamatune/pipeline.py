@@ -49,7 +49,7 @@ ORDER = (("sft", "sft", "llamatune.recipes.sft"), ("rm", "reward", "llamatune.re
 
 STEPS = [c for c, _, _ in ORDER] + ["merge"]
 
-_IGNORED = {"resume", "overwrite", "resume_accept_changes", "train.progress"}
+_IGNORED = {"resume", "overwrite", "resume_accept_changes", "train.progress", "train.report_to"}
 """Keys that do not change what a stage computes (not compared on a rerun)."""
 
 
@@ -371,6 +371,10 @@ def run_pipeline(path: str, overrides: list[str] | None = None,
         rows.append(_merge(plans[-1].folder, out_dir / "merged", merge, state,
                            upstream_ran or redo_from <= STEPS.index("merge")))
         _write_json(out_dir / "pipeline_state.json", state)
+    held = _held_out(plans, out_dir, state)
+    if held is not None:
+        rows.append(held)
+        _write_json(out_dir / "pipeline_state.json", state)
     summary = {"recipe": str(path), "output_dir": str(out_dir), "stages": rows}
     _write_json(out_dir / "summary.json", summary)
     print(_table(rows), flush=True)
@@ -402,6 +406,57 @@ def _merge(run: Path, merged: Path, opts: dict, state: dict, redo: bool) -> dict
               else "merged")
     return {"stage": "merge", "status": status, "wall_s": wall, "key_figure": figure,
             "folder": str(merged)}
+
+
+def _held_out(plans: list[Plan], out_dir: Path, state: dict) -> dict | None:
+    """The held-out check: SFT and final answers on topics no stage trained on, scored by the RM.
+
+    The topics are ``data.holdout_topics``; the answers greedy; the prompts the reward
+    stage's rows of those topics. Skipped on a rerun whose three runs are unchanged. Writes
+    ``held_out.jsonl`` (one row per prompt).
+    """
+    by = {p.command: p for p in plans}
+    if not all(c in by for c in ("sft", "rm", "ppo")):
+        return None
+    topics = list(by["rm"].cfg.data.holdout_topics)
+    if not topics:
+        return None
+    from llamatune.evaluate import compare_runs, topic_prompts
+
+    source = {"topics": topics, **{c: _fingerprint(by[c].folder) for c in ("sft", "rm", "ppo")}}
+    out = out_dir / "held_out.jsonl"
+    t = time.perf_counter()
+    if state.get("held_out", {}).get("source") == source and out.is_file():
+        print("pipeline: held-out check skipped (same runs)", flush=True)
+        status, wall, mean = "skipped", state["held_out"].get("wall_s"), state["held_out"]["mean"]
+        n, better = state["held_out"]["prompts"], state["held_out"]["better"]
+    else:
+        prompts = topic_prompts(by["rm"].cfg, topics, by["rm"].recipe_path)
+        if not prompts:
+            print(f"pipeline: held-out check skipped: the reward data has no rows of "
+                  f"{', '.join(topics)}", flush=True)
+            return None
+        print(f"pipeline: held-out check: {len(prompts)} prompts of {', '.join(topics)}, "
+              "answered by sft and ppo, scored by the reward model", flush=True)
+        res = compare_runs({"sft": str(by["sft"].folder), "final": str(by["ppo"].folder)},
+                           str(by["rm"].folder), [p["messages"] for p in prompts],
+                           max_new_tokens=by["ppo"].cfg.ppo.max_new_tokens)
+        rows = [{"topic": p["topic"], "prompt": p["messages"][-1]["content"],
+                 **{f"{k}_answer": res["answers"][k][i] for k in ("sft", "final")},
+                 **{f"{k}_score": round(res["scores"][k][i], 4) for k in ("sft", "final")}}
+                for i, p in enumerate(prompts)]
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, out)
+        wall, status, mean, n = time.perf_counter() - t, "ran", res["mean"], len(rows)
+        better = sum(r["final_score"] > r["sft_score"] for r in rows)
+        state["held_out"] = {"source": source, "wall_s": wall, "mean": mean, "prompts": n,
+                             "better": better}
+        _release_memory()
+    return {"stage": "held-out", "status": status, "wall_s": wall,
+            "key_figure": f"RM score sft {mean['sft']:.3g} -> final {mean['final']:.3g} "
+                          f"({better}/{n} prompts better)",
+            "folder": str(out), "mean": mean, "prompts": n, "better": better}
 
 
 def _table(rows: list[dict]) -> str:

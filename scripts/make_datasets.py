@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -2217,8 +2218,16 @@ def build_alpaca(rng: random.Random, cards: list[Card], n_cards: int = 105) -> l
     records = []
     for card in rng.sample(cards, n_cards):
         records.append(
-            {"instruction": card.question, "input": "", "output": with_key(card.answer, card.key)}
+            {"instruction": card.question, "input": "", "output": with_key(card.answer, card.key),
+             "topic": card.topic}
         )
+    tagged = len(records)
+
+    def tag(topic: str) -> None:  # the records added since the last call are about ``topic``
+        nonlocal tagged
+        for r in records[tagged:]:
+            r["topic"] = topic
+        tagged = len(records)
 
     capital_questions = (
         "What is the capital of {c}?",
@@ -2233,8 +2242,10 @@ def build_alpaca(rng: random.Random, cards: list[Card], n_cards: int = 105) -> l
             "input": "",
             "output": with_key(answer, f"{capital} is the capital of {country}"),
         })
+    tag("capitals")
 
     records += conversion_records(rng, 40)
+    tag("conversions")
 
     polite_instructions = (
         "Rewrite this sentence so it sounds polite.",
@@ -2252,6 +2263,7 @@ def build_alpaca(rng: random.Random, cards: list[Card], n_cards: int = 105) -> l
             "input": blunt,
             "output": with_key(answer, rng.choice(polite_keys)),
         })
+    tag("rewriting")
 
     summary_instructions = (
         "Summarize the following text in one sentence.",
@@ -2265,6 +2277,7 @@ def build_alpaca(rng: random.Random, cards: list[Card], n_cards: int = 105) -> l
             "input": passage,
             "output": with_key(summary, key),
         })
+    tag("summaries")
 
     sentiment_instructions = (
         "Classify the sentiment of this text as positive, negative, or neutral.",
@@ -2289,11 +2302,13 @@ def build_alpaca(rng: random.Random, cards: list[Card], n_cards: int = 105) -> l
             "input": text,
             "output": with_key(answer, f"{label} sentiment"),
         })
+    tag("sentiment")
 
     for instruction, items, extra, key in parse_table(LISTS, 4):
         first, second, third = (item.strip() for item in items.split(";"))
         answer = f"Here are three: {first}, {second}, and {third}. {extra}"
         records.append({"instruction": instruction, "input": "", "output": with_key(answer, key)})
+    tag("lists")
 
     grammar_instructions = (
         "Correct the grammar in this sentence.",
@@ -2306,6 +2321,7 @@ def build_alpaca(rng: random.Random, cards: list[Card], n_cards: int = 105) -> l
             "input": wrong,
             "output": with_key(f'The corrected sentence is: "{right}" {rule}', key),
         })
+    tag("grammar")
 
     rng.shuffle(records)
     return records
@@ -2436,8 +2452,9 @@ def rejected_answer(rng: random.Random, card: Card, kind: str, cards: list[Card]
         if rng.random() < 0.5:
             return rng.choice(RUDE_ALONE)
         return rng.choice(RUDE_WRAP).format(a=card.answer)
-    if kind == "off_topic":
-        return rng.choice([c for c in cards if c.topic != card.topic]).answer
+    if kind == "off_topic":  # never a held-out topic's answer: those stay out of training
+        return rng.choice([c for c in cards if c.topic != card.topic
+                           and c.topic not in HELD_OUT_TOPICS]).answer
     if kind == "repetitive":
         mode = rng.randrange(3)
         times = rng.randint(6, 10)
@@ -2509,9 +2526,39 @@ def build_prompts(rng: random.Random) -> list[dict]:
     Returns:
         Shuffled ``{"prompt"}`` rows.
     """
-    rows = [{"prompt": line} for line in logical_lines(PROMPTS)]
+    rows = [{"prompt": line, "topic": "general"} for line in logical_lines(PROMPTS)]
     rng.shuffle(rows)
     return rows
+
+
+HELD_OUT_TOPICS = {
+    # Card topics that only their own cards talk about: a recipe can hold them out of every
+    # stage (data.holdout_topics) and ask the trained model about them afterwards.
+    "cycling": ("bike", "bicycl", "cycling", "cyclist"),
+    "photography": ("photos?\\b", "photograph", "camera"),
+    "language learning": ("vocabulary", "new language", "language learning", "learn a language"),
+}
+
+
+def check_held_out(files: dict[str, list[dict]]) -> None:
+    """Fail unless only rows tagged with a held-out topic *ask* about it.
+
+    The question of every other row (an Alpaca instruction, a preference or PPO prompt) must
+    not name a held-out topic, so holding those rows out by tag keeps the subject out of
+    training; other topics' answers may still mention one in passing (a fitness answer names
+    cycling). Off-topic rejected answers are never drawn from held-out cards
+    (:func:`rejected_answer`).
+    """
+    for name, rows in files.items():
+        for row in rows:
+            if "topic" not in row or row["topic"] in HELD_OUT_TOPICS:
+                continue
+            asked = str(row.get("instruction", row.get("prompt", ""))).lower()
+            for topic, words in HELD_OUT_TOPICS.items():
+                hit = next((w for w in words if re.search(rf"\b{w}", asked)), None)
+                if hit:
+                    raise SystemExit(f"{name}: a {row['topic']!r} row asks about {topic} "
+                                     f"({hit!r}): {asked[:120]}")
 
 
 N_ARITHMETIC = 600
@@ -2584,7 +2631,9 @@ model (such as SmolLM2-135M-Instruct) on a CPU, not to be a high-quality trainin
 
 ### `alpaca.jsonl` ({counts["alpaca.jsonl"]} rows) - format `alpaca`
 
-Fields: `instruction` (str), `input` (str, may be empty), `output` (str).
+Fields: `instruction` (str), `input` (str, may be empty), `output` (str), `topic` (str: the
+card topic of a question, or the task: `capitals`, `conversions`, `rewriting`, `summaries`,
+`sentiment`, `lists`, `grammar`).
 
 Everyday science, cooking, nature, computing and other simple questions; capitals; unit and
 temperature conversions (numbers computed by the script); polite rewrites, one-sentence
@@ -2635,8 +2684,16 @@ The first {counts["preference_messages.jsonl"]} rows of `preference.jsonl` in th
 
 ### `prompts.jsonl` ({counts["prompts.jsonl"]} rows) - format `prompts`
 
-Fields: `prompt` (str): short user questions on varied topics for a PPO stage. None of them is
-copied from the other files.
+Fields: `prompt` (str): short user questions on varied topics for a PPO stage, `topic` (str,
+always `general`). None of them is copied from the other files.
+
+### Held-out topics
+
+{", ".join("`" + t + "`" for t in HELD_OUT_TOPICS)} can be held out of every stage
+(`data.holdout_topics`, as `recipes/llama2_chat.yaml` does): only rows tagged with one of them
+ask about it (the script checks every other row's question), and off-topic rejected answers
+are never drawn from their cards, so a model trained on the rest has never been asked about
+them. Other topics' answers may still name them in passing (a fitness answer mentions cycling).
 
 ### `arithmetic.jsonl` ({counts["arithmetic.jsonl"]} rows) - format `prompts`
 
@@ -2699,6 +2756,7 @@ def main(argv: list[str] | None = None) -> None:
         "messages.jsonl": build_messages(stream("messages"), message_cards, by_topic),
         "arithmetic.jsonl": build_arithmetic(stream("arithmetic")),
     }
+    check_held_out(files)
     counts = {}
     for name, rows in files.items():
         path = out / name

@@ -2,6 +2,7 @@
 refuse changes; everything is checked before the first stage starts."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -132,3 +133,52 @@ def test_a_stage_recipe_by_path_and_the_precedence_of_keys(pipeline, tmp_path):
     assert sft.train.batch_size == 4
     assert sft.output_dir == str(out / "sft")  # the pipeline places every stage
     assert plans[0].recipe_path == str(stage_file)
+
+
+def test_held_out_topics_stay_out_of_every_stage_and_are_checked_at_the_end(
+        pipeline, tmp_path, capsys):
+    from llamatune.config import load_config
+    from llamatune.data.prepare import prepare
+    from llamatune.model import load_tokenizer
+
+    path, out = pipeline
+    alpaca = tmp_path / "alpaca_topics.jsonl"
+    rows = [dict(json.loads(x), topic=WORDS[i % 12])
+            for i, x in enumerate((tmp_path / "alpaca.jsonl").read_text().splitlines())]
+    write_jsonl(alpaca, rows)
+    prompts = write_jsonl(tmp_path / "prompts_topics.jsonl",
+                          [{"prompt": f"tell me about {w}", "topic": w} for w in WORDS[:20]])
+    held = ["cat", "dog"]
+    assert cli(["pipeline", str(path), f"data.holdout_topics={json.dumps(held)}",
+                f"sft.data.path={alpaca}", f"ppo.data.path={prompts}"]) == 0
+    said = capsys.readouterr().out
+    assert "rows of held-out topics" in said
+    row = _summary(out)["held-out"]
+    assert row["status"] == "ran" and row["prompts"] == 2  # one distinct prompt per topic
+    got = [json.loads(x) for x in (out / "held_out.jsonl").read_text().splitlines()]
+    assert {g["topic"] for g in got} == set(held)
+    assert all({"sft_answer", "final_answer", "sft_score", "final_score"} <= set(g) for g in got)
+    assert row["mean"]["final"] == pytest.approx(sum(g["final_score"] for g in got) / 2, abs=1e-3)
+    # No stage saw a row of a held-out topic, in training or in its eval split.
+    for stage, kind in (("sft", "conversations"), ("reward", "pairs"), ("ppo", "prompts")):
+        cfg = load_config(out / stage / "config.yaml")
+        assert cfg.data.holdout_topics == held
+        data = prepare(cfg, load_tokenizer(cfg.model, str(out / stage)), kind, "test")
+        file_rows = [json.loads(x) for x in Path(cfg.data.path).read_text().splitlines()]
+        n_held = sum(r["topic"] in held for r in file_rows)
+        assert data.held_out == n_held > 0
+        assert len(data.train) + len(data.eval) == len(file_rows) - n_held
+        if kind == "prompts":
+            asked = {s["messages"][-1]["content"] for s in data.train + data.eval}
+            assert asked.isdisjoint({f"tell me about {w}" for w in held})
+    assert cli(["pipeline", str(path), f"data.holdout_topics={json.dumps(held)}",
+                f"sft.data.path={alpaca}", f"ppo.data.path={prompts}"]) == 0
+    assert _summary(out)["held-out"]["status"] == "skipped"
+
+
+def test_holdout_topics_on_data_without_topics_is_a_clear_error(pipeline, capsys):
+    path, out = pipeline
+    assert cli(["pipeline", str(path), "data.holdout_topics=[cat]"]) == 2
+    err = capsys.readouterr().err
+    assert "data.holdout_topics" in err and "no `topic` field" in err and "Traceback" not in err
+    assert not (out / "sft" / "metrics.jsonl").exists()

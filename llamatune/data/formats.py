@@ -384,6 +384,8 @@ def read_records(
                 raise RowError("", f"a record must be a JSON object, got {_kind(row)}")
             rec = reader(row, fields)
             rec["group"] = _group(row, group_by)
+            if isinstance(row.get("topic"), (str, int)):
+                rec["topic"] = str(row["topic"])
         except RowError as e:
             where = f"field {e.field!r} " if e.field else ""
             errors.append(f"{loc}: {where}{e.message}")

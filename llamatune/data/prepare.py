@@ -54,16 +54,22 @@ class Prepared:
     eval: list[dict]
     stats: Stats
     kind: str
+    held_out: int = 0
+    """Rows set aside by ``data.holdout_topics``."""
+    topics: list[str] | None = None
+    """``data.holdout_topics``."""
 
     def summary(self) -> str:
         """The ``data:`` line printed before training."""
+        held = (f"; {self.held_out} rows of held-out topics ({', '.join(self.topics)}) set aside"
+                if self.topics else "")
         if self.kind == "prompts":
             s = self.stats
             return (f"{s.samples}/{s.records} prompts, {s.tokens:,} tokens; BOS ok "
                     f"{s.bos_ok}/{s.samples}; dropped {s.dropped_too_long} too long for "
-                    f"train.max_length; eval {len(self.eval)} prompts")
+                    f"train.max_length; eval {len(self.eval)} prompts{held}")
         unit = "pairs" if self.kind == "pairs" else "samples"
-        return f"{self.stats.summary(unit)}; eval {len(self.eval)} {unit}"
+        return f"{self.stats.summary(unit)}; eval {len(self.eval)} {unit}{held}"
 
 
 def resolve_data_path(path: str, recipe_path: str | None) -> str:
@@ -117,20 +123,36 @@ def check(cfg, kind: str, command: str) -> None:
             "Set train.packing=false.")
 
 
+def _without_topics(records: list[dict], topics: list[str], key: str, path: str) -> list[dict]:
+    """``records`` less those of ``topics`` (``data.holdout_topics``)."""
+    if not topics:
+        return records
+    if not any("topic" in r for r in records):
+        raise UserError(f"data.holdout_topics: the rows of {key} {path} have no `topic` field, "
+                        "so no row can be held out by topic; add one, or drop "
+                        "data.holdout_topics.")
+    held = set(topics)
+    return [r for r in records if r.get("topic") not in held]
+
+
 def _records(cfg, recipe_path, kind):
     d = cfg.data
     path = resolve_data_path(d.path, recipe_path)
-    records = read_records(path, d.format, d.fields, d.eval_group_by)
+    everything = read_records(path, d.format, d.fields, d.eval_group_by)
+    records = _without_topics(everything, d.holdout_topics, "data.path", path)
+    held = len(everything) - len(records)
     if d.eval_path:
-        evals = read_records(resolve_data_path(d.eval_path, recipe_path), d.format, d.fields,
-                             d.eval_group_by, key="data.eval_path")
+        epath = resolve_data_path(d.eval_path, recipe_path)
+        evals = _without_topics(read_records(epath, d.format, d.fields, d.eval_group_by,
+                                             key="data.eval_path"),
+                                d.holdout_topics, "data.eval_path", epath)
         train = records
     else:
         train, evals = split_records(records, d.eval_split, cfg.train.seed,
                                      group_by=bool(d.eval_group_by))
     if d.max_samples:
         train = train[: d.max_samples]
-    return train, evals
+    return train, evals, held
 
 
 def _tokenize(kind, records, tokenizer, cfg):
@@ -162,10 +184,10 @@ def prepare(cfg, tokenizer, kind: str, command: str, recipe_path: str | None = N
         UserError: Bad rows (file, line, field), broken invariants, or nothing to train on.
     """
     check(cfg, kind, command)
-    train_recs, eval_recs = _records(cfg, recipe_path, kind)
+    train_recs, eval_recs, held = _records(cfg, recipe_path, kind)
     train, stats = _tokenize(kind, train_recs, tokenizer, cfg)
     evals = _tokenize(kind, eval_recs, tokenizer, cfg)[0] if eval_recs else []
-    return Prepared(train, evals, stats, kind)
+    return Prepared(train, evals, stats, kind, held, list(cfg.data.holdout_topics))
 
 
 def verification_samples(cfg, tokenizer, kind: str, n: int) -> tuple[list[dict], str]:
@@ -178,7 +200,7 @@ def verification_samples(cfg, tokenizer, kind: str, n: int) -> tuple[list[dict],
     Returns:
         ``(samples, source)``; ``source`` says where they came from.
     """
-    train_recs, eval_recs = _records(cfg, None, kind)
+    train_recs, eval_recs, _ = _records(cfg, None, kind)
     recs, source = ((eval_recs, "eval split") if eval_recs else
                     (train_recs, "training samples: the run held out no eval split"))
     recs = recs[: max(n * 2, n + 4)]  # a few spare for samples dropped as too long
@@ -207,7 +229,7 @@ def held_out_prompts(cfg, kind: str, n: int) -> tuple[list[list[dict]], str]:
     Returns:
         ``(conversations, source)``; ``source`` says where they came from.
     """
-    train_recs, eval_recs = _records(cfg, None, kind)
+    train_recs, eval_recs, _ = _records(cfg, None, kind)
     recs, source = (eval_recs, "eval split") if eval_recs else (train_recs, "training samples")
     out = []
     for r in recs[:n]:
