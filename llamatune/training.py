@@ -348,8 +348,10 @@ def trainable_state_dict(model) -> dict:
 class MetricsWriter:
     """Appends one JSON object per logged step to ``metrics.jsonl``."""
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, trackers=None):
         self.path = path
+        self.trackers = trackers
+        """:class:`~llamatune.trackers.Trackers` that also get every row (``train.report_to``)."""
         self.enabled = dist.world().main  # under a launcher, the main process writes
         if self.enabled and resume_step is not None and path.exists():
             # Drop rows logged after the checkpoint we resume from: they will be redone. A
@@ -372,6 +374,14 @@ class MetricsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(row)
+
+    def close(self) -> None:
+        """Finish the trackers (the file needs nothing)."""
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
 
 class Progress:
@@ -656,6 +666,10 @@ def start(cfg: Config, kind: str, command: str, recipe_path: str | None = None) 
 
     run_dir = rundir.prepare_output_dir(cfg)
     check(cfg, kind, command)
+    if cfg.train.trackers:
+        from llamatune.trackers import check_installed
+
+        check_installed(cfg.train.trackers)
     with dist.on_main() as main:  # a built-in model is converted once, by one process
         if main:
             resolve_model_path(cfg.model.path)
@@ -766,7 +780,13 @@ class Loop:
                 stage.load_state(state["stage"])
             resume_step = self.step
             print(f"resumed from {begun.resume_from} (step {self.step})", flush=True)
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step)
+        trackers = None
+        if tc.trackers and w.main:
+            from llamatune.config import config_to_dict
+            from llamatune.trackers import Trackers
+
+            trackers = Trackers(tc.trackers, self.run_dir, config_to_dict(cfg))
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step, trackers)
 
     def next_batch(self) -> dict:
         """The next micro-batch of the stage's epochs (the position checkpoints save)."""
@@ -884,6 +904,7 @@ class Loop:
         # The last step's scheduled evaluation already measured the final model.
         if self.has_eval and not (tc.eval_every and self.step % tc.eval_every == 0):
             self._log_eval(None)
+        self.metrics.close()
 
     def evaluate(self) -> dict:
         """The stage's held-out figures, in eval mode and without gradients."""
