@@ -115,12 +115,25 @@ def run_report(path: str, as_json: bool = False) -> int:
         fig = key_figures(run)
         fig["plots"] = [str(p) for p in plot_run(run, fig["stage"])]
         figures.append(fig)
+    held = _held_out_row(root)
     if as_json:
-        print(json.dumps(figures if len(figures) > 1 else figures[0], indent=2))
+        out = figures if len(figures) > 1 else figures[0]
+        print(json.dumps({"runs": out, "held_out": held} if held else out, indent=2))
     else:
         for fig in figures:
             print(_describe(fig))
             if fig["plots"]:
                 print(f"  plots: {', '.join(Path(p).name for p in fig['plots'])} in "
                       f"{Path(fig['plots'][0]).parent}")
+        if held:
+            print(f"held-out topics: {held['key_figure']}  ({held['folder']})")
     return 0
+
+
+def _held_out_row(root: Path) -> dict | None:
+    """A pipeline's held-out check, from its ``summary.json`` (``None`` when it has none)."""
+    try:
+        stages = json.loads((root / "summary.json").read_text())["stages"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return next((s for s in stages if s.get("stage") == "held-out"), None)

@@ -174,6 +174,9 @@ def test_held_out_topics_stay_out_of_every_stage_and_are_checked_at_the_end(
     assert cli(["pipeline", str(path), f"data.holdout_topics={json.dumps(held)}",
                 f"sft.data.path={alpaca}", f"ppo.data.path={prompts}"]) == 0
     assert _summary(out)["held-out"]["status"] == "skipped"
+    capsys.readouterr()
+    assert cli(["report", str(out)]) == 0
+    assert "held-out topics: RM score sft" in capsys.readouterr().out
 
 
 def test_holdout_topics_on_data_without_topics_is_a_clear_error(pipeline, capsys):
