@@ -178,13 +178,21 @@ def resolve_model_path(path: str) -> str:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` becomes ``cuda`` when a GPU is present, else ``cpu``."""
+    """``auto`` becomes ``cuda`` when a GPU is present, else ``cpu``.
+
+    Under a launcher (``accelerate launch``, ``torchrun``) ``cuda`` means this process's own
+    GPU, ``cuda:LOCAL_RANK``, so processes never pile onto the first one.
+    """
     import torch
 
+    from llamatune import dist
+
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"model.device is {device!r} but no CUDA GPU is visible; use auto or cpu.")
+    if device == "cuda" and dist.launched():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
     return device
 
 
@@ -501,7 +509,8 @@ def load_base(mcfg: ModelConfig, *, trainable: bool = True, full: bool = False,
     )
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": device if device != "cuda" else "cuda:0"}
+        kwargs["device_map"] = {"": device if device != "cuda" else "cuda:0"}  # a 4-bit base
+        # loads straight onto its device (bitsandbytes quantizes there); cuda:N under a launcher
     from transformers import AutoModelForCausalLM
 
     try:

@@ -223,3 +223,16 @@ def test_unknown_accelerate_config_is_a_one_paragraph_error(tmp_path, tiny_model
     err = capsys.readouterr().err
     assert "--accelerate_config nope" in err and "ddp" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_each_launched_process_takes_its_own_gpu(monkeypatch):
+    import torch
+
+    from llamatune.model import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"  # alone: the current GPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == "cuda:1" and resolve_device("cuda") == "cuda:1"
+    assert resolve_device("cuda:0") == "cuda:0"  # an explicit GPU is kept
