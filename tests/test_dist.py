@@ -109,15 +109,18 @@ def test_each_process_trains_on_its_own_slice_of_the_global_batches(monkeypatch)
         [list(range(i, min(i + 4, 33))) for i in range(0, 33, 4)]
 
 
-def test_sft_two_processes_give_the_loss_rows_of_one(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("batch,accum", [(8, 1), (4, 2)])
+def test_sft_two_processes_give_the_loss_rows_of_one(batch, accum, tmp_path, tiny_model_dir):
+    """2 processes at train.batch_size=B/2 write the rows of 1 process at B (the must-show)."""
     data = _sft_data(tmp_path)
     common = dict(model={"dtype": "float32"}, data={"eval_split": 0.1},
-                  train={"max_steps": 6, "grad_accum": 2, "lr": 1e-2, "eval_every": 3})
+                  train={"max_steps": 6, "grad_accum": accum, "lr": 1e-2, "eval_every": 3})
     one = make_recipe(tmp_path / "one", tiny_model_dir, data, **common)
     two = make_recipe(tmp_path / "two", tiny_model_dir, data, **common)
-    _run(tmp_path, 1, ["sft", str(one), "train.batch_size=4"])
-    proc = _run(tmp_path, 2, ["sft", str(two), "train.batch_size=2"])
-    assert "2 processes (ddp): global batch 2 x 2 accumulation x 2 processes" in proc.stdout
+    _run(tmp_path, 1, ["sft", str(one), f"train.batch_size={batch}"])
+    proc = _run(tmp_path, 2, ["sft", str(two), f"train.batch_size={batch // 2}"])
+    assert (f"2 processes (ddp): global batch {batch // 2} x {accum} accumulation x 2 processes"
+            in proc.stdout)
     assert proc.stdout.count("data: ") == 1, "only the main process prints"
     a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
     assert len([r for r in b if "loss" in r]) == 6
