@@ -396,7 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit code: 0 success, 2 user error, 130 interrupted.
     """
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra:  # key=value overrides after an option (`sft R --accelerate_config ddp k=v`)
+        if isinstance(getattr(args, "overrides", None), list) and all(
+                "=" in x and not x.startswith("-") for x in extra):
+            args.overrides += extra
+        else:
+            _parser().parse_args(argv)  # argparse's own error and exit code
     if args.command is None:
         _parser().print_help()
         return 2

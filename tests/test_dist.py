@@ -138,8 +138,8 @@ def test_preference_stages_two_processes_give_the_loss_rows_of_one(stage, tmp_pa
     two = make_recipe(tmp_path / "two", tiny_model_dir, data, **sections)
     _run(tmp_path, 1, [stage, str(one), "train.batch_size=6"])
     # Through llamatune's own launcher: the packaged DDP config.
-    _run(tmp_path, 1, [stage, str(two), "train.batch_size=3", "--accelerate_config", "ddp",
-                       "--num_processes", "2"])
+    _run(tmp_path, 1, [stage, str(two), "--accelerate_config", "ddp", "--num_processes", "2",
+                       "train.batch_size=3"])  # overrides may follow the options
     a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
     assert len([r for r in b if "loss" in r]) == 5
     keys = {"rm": ["accuracy", "eval_accuracy"],
