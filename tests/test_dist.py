@@ -239,3 +239,19 @@ def test_each_launched_process_takes_its_own_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device("auto") == "cuda:1" and resolve_device("cuda") == "cuda:1"
     assert resolve_device("cuda:0") == "cuda:0"  # an explicit GPU is kept
+
+
+def test_qlora_under_two_processes_gives_the_loss_rows_of_one(tmp_path, tiny_wide_model_dir):
+    """A 4-bit (nf4) base under DDP: bitsandbytes' CPU kernels, the same rows as one process."""
+    pytest.importorskip("bitsandbytes")
+    data = _sft_data(tmp_path)
+    common = dict(model={"dtype": "float32", "quantization": "4bit"}, data={"eval_split": 0},
+                  train={"max_steps": 3, "lr": 1e-2, "group_by_length": False})
+    one = make_recipe(tmp_path / "one", tiny_wide_model_dir, data, **common)
+    two = make_recipe(tmp_path / "two", tiny_wide_model_dir, data, **common)
+    _run(tmp_path, 1, ["sft", str(one), "train.batch_size=4"])
+    _run(tmp_path, 2, ["sft", str(two), "train.batch_size=2"])
+    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
+    assert len(b) == 3
+    _same_rows(a, b, ["loss", "grad_norm"])
+    _one_copy_of_everything(tmp_path / "two" / "run")
