@@ -23,9 +23,6 @@ _TRAIN_STAGES = {
     "dpo": ("llamatune.recipes.dpo", "DPO on preference pairs (the offline alternative to RM+PPO)"),
     "ppo": ("llamatune.recipes.ppo", "PPO (or RLOO/GRPO) against a reward model or a reward rule"),
 }
-_PLANNED: dict[str, str] = {}
-
-
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (a path, or a shipped name from `llamatune ls`)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -48,10 +45,6 @@ def _parser() -> argparse.ArgumentParser:
                        "(a packaged one from `llamatune ls --accelerate`, or a file)")
         p.add_argument("--num_processes", "--num-processes", type=int, default=None,
                        metavar="N", help="with --accelerate_config: processes to launch")
-    for name, help_ in _PLANNED.items():
-        p = sub.add_parser(name, help=f"{help_} (not yet available)")
-        _recipe_args(p)
-
     p = sub.add_parser("pipeline", help="SFT -> reward model -> PPO -> merge in one command",
                        description="SFT -> reward model -> PPO -> merge in one command; a rerun "
                        "skips finished stages and resumes an interrupted one")
@@ -236,15 +229,17 @@ def _cmd_ls(args) -> int:
         from llamatune.dist import launch_configs
 
         for name, path in launch_configs().items():
-            first = next((ln[1:].strip() for ln in path.read_text().splitlines()
-                          if ln.startswith("#") and ln[1:].strip()), "")
-            print(f"{name:8s} {first}")
+            print(f"{name:8s} {_first_comment(path)}")
         return 0
     for name, path in list_recipes().items():
-        first = next((ln[1:].strip() for ln in path.read_text().splitlines()
-                      if ln.startswith("#") and ln[1:].strip()), "")
-        print(f"{name:18s} {first}")
+        print(f"{name:18s} {_first_comment(path)}")
     return 0
+
+
+def _first_comment(path: Path) -> str:
+    """A YAML file's first comment line (what it is), for ``ls``."""
+    return next((ln[1:].strip() for ln in path.read_text().splitlines()
+                 if ln.startswith("#") and ln[1:].strip()), "")
 
 
 def _cmd_cp(args) -> int:
@@ -375,13 +370,6 @@ def _cmd_estimate(args) -> int:
                         lora_r=args.lora_r, as_json=args.json)
 
 
-def _cmd_planned(args) -> int:
-    raise UserError(
-        f"`llamatune {args.command}` ({_PLANNED[args.command]}) is not available in this "
-        f"version ({__version__}); {', '.join(_TRAIN_STAGES)} are."
-    )
-
-
 _COMMANDS = {
     "validate": _cmd_validate, "ls": _cmd_ls, "cp": _cmd_cp, "env": _cmd_env,
     "generate": _cmd_generate, "chat": _cmd_chat, "merge": _cmd_merge, "score": _cmd_score,
@@ -419,8 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     from llamatune._bnb import quiet_import_noise
 
     quiet_import_noise()
-    handler = (_cmd_train if args.command in _TRAIN_STAGES else
-               _cmd_planned if args.command in _PLANNED else _COMMANDS[args.command])
+    handler = _cmd_train if args.command in _TRAIN_STAGES else _COMMANDS[args.command]
     try:
         return handler(args)
     except (UserError, ConfigError) as e:

@@ -40,10 +40,8 @@ class World:
 
     rank: int = 0
     size: int = 1
-    local_rank: int = 0
     accelerator: object = None
-    """accelerate's ``Accelerator`` when launched with more than one process (or FSDP,
-    DeepSpeed), else ``None``."""
+    """accelerate's ``Accelerator`` when launched with more than one process, else ``None``."""
 
     @property
     def main(self) -> bool:
@@ -52,12 +50,8 @@ class World:
 
     @property
     def scheme(self) -> str:
-        """``single``, ``ddp``, ``fsdp`` or ``deepspeed``."""
-        if self.accelerator is None:
-            return "single"
-        kind = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
-        return {"FSDP": "fsdp", "DEEPSPEED": "deepspeed"}.get(kind, "ddp" if self.size > 1
-                                                                else "single")
+        """``single`` or ``ddp`` (FSDP and DeepSpeed are refused when the world is made)."""
+        return "ddp" if self.size > 1 else "single"
 
 
 _WORLD: World | None = None
@@ -100,7 +94,7 @@ def _make_world() -> World:
     # wait for the others.
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-    return World(acc.process_index, acc.num_processes, acc.local_process_index, acc)
+    return World(acc.process_index, acc.num_processes, acc)
 
 
 def shard(items: list, rank: int | None = None, size: int | None = None) -> list:
@@ -180,10 +174,9 @@ def prepare(net):
     """Wrap ``net`` for the launcher's scheme and route every call of it through the wrapper.
 
     Returns:
-        The wrapper (DDP, FSDP) or ``net`` itself when alone. ``net`` stays the object stages
-        hold: its ``model``, ``heads`` and ops are unchanged, and its calls reach the
-        wrapper's forward (gradient synchronization, sharding).
-
+        The DDP wrapper, or ``net`` itself when alone. ``net`` stays the object stages hold:
+        its ``model``, ``heads`` and ops are unchanged, and its calls reach the wrapper's
+        forward (gradient synchronization).
     """
     w = world()
     if w.accelerator is None:
@@ -194,9 +187,12 @@ def prepare(net):
     return wrapped
 
 
-def no_sync(wrapped):
-    """A context in which backward passes accumulate without synchronizing gradients."""
-    if wrapped is None or not hasattr(wrapped, "no_sync"):
+def no_sync(wrapped, enabled: bool = True):
+    """A context in which backward passes accumulate without synchronizing gradients.
+
+    ``enabled=False`` (the last backward of an accumulation window) synchronizes as usual.
+    """
+    if not enabled or not hasattr(wrapped, "no_sync"):
         return contextlib.nullcontext()
     return wrapped.no_sync()
 

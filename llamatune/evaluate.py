@@ -1,49 +1,16 @@
 """Answers of several runs to the same prompts, scored by a reward model.
 
 The pipeline's held-out check uses it: prompts of topics that no stage trained on
-(``data.holdout_topics``), answered greedily by the SFT run and by the final (PPO) run, each
-answer scored by the pipeline's own reward model in that model's template.
+(``data.holdout_topics``, read by :func:`llamatune.data.prepare.topic_prompts`), answered
+greedily by the SFT run and by the final (PPO) run, each answer scored by the pipeline's own
+reward model in that model's template.
 """
 
 from __future__ import annotations
 
 import gc
 
-from llamatune.config import Config
-
-__all__ = ["compare_runs", "topic_prompts"]
-
-
-def topic_prompts(cfg: Config, topics: list[str], recipe_path: str | None = None
-                  ) -> list[dict]:
-    """The prompts of a stage's data rows whose ``topic`` is one of ``topics``.
-
-    Args:
-        cfg: A stage config (its ``data.path``, ``data.format``, ``data.fields``).
-        topics: The topics to take.
-        recipe_path: Relative data paths are also tried next to it.
-
-    Returns:
-        ``{"topic", "messages"}`` per distinct prompt, in file order; ``messages`` ends with
-        the row's last user turn.
-    """
-    from llamatune.data.formats import read_records
-    from llamatune.data.prepare import resolve_data_path
-
-    d = cfg.data
-    wanted, seen, out = set(topics), set(), []
-    for r in read_records(resolve_data_path(d.path, recipe_path), d.format, d.fields):
-        if r.get("topic") not in wanted:
-            continue
-        msgs = r["prompt"] if "prompt" in r else r["messages"]
-        last = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
-        if last is None:
-            continue
-        key = str(msgs[: last + 1])
-        if key not in seen:
-            seen.add(key)
-            out.append({"topic": r["topic"], "messages": msgs[: last + 1]})
-    return out
+__all__ = ["compare_runs"]
 
 
 def compare_runs(runs: dict[str, str], rm_dir: str, conversations: list[list[dict]],
@@ -60,18 +27,16 @@ def compare_runs(runs: dict[str, str], rm_dir: str, conversations: list[list[dic
         batch_size: Conversations decoded or scored together.
 
     Returns:
-        ``{"answers": {name: [text]}, "ended": {name: [bool]}, "scores": {name: [float]},
-        "mean": {name: float}}``.
+        ``{"answers": {name: [text]}, "scores": {name: [float]}, "mean": {name: float}}``.
     """
     from llamatune.generate import load_for_inference
     from llamatune.score import load_reward_model
 
-    answers, ended = {}, {}
+    answers = {}
     for name, folder in runs.items():
         bot = load_for_inference(folder)
-        out = bot.complete(conversations, max_new_tokens=max_new_tokens, temperature=0.0,
-                           batch_size=batch_size)
-        answers[name], ended[name] = [a for a, _ in out], [e for _, e in out]
+        answers[name] = [a for a, _ in bot.complete(conversations, max_new_tokens=max_new_tokens,
+                                                    temperature=0.0, batch_size=batch_size)]
         del bot
         gc.collect()
     rm = load_reward_model(rm_dir)
@@ -81,4 +46,4 @@ def compare_runs(runs: dict[str, str], rm_dir: str, conversations: list[list[dic
     del rm
     gc.collect()
     mean = {name: sum(s) / max(len(s), 1) for name, s in scores.items()}
-    return {"answers": answers, "ended": ended, "scores": scores, "mean": mean}
+    return {"answers": answers, "scores": scores, "mean": mean}

@@ -421,15 +421,16 @@ def _held_out(plans: list[Plan], out_dir: Path, state: dict) -> dict | None:
     topics = list(by["rm"].cfg.data.holdout_topics)
     if not topics:
         return None
-    from llamatune.evaluate import compare_runs, topic_prompts
+    from llamatune.data.prepare import topic_prompts
+    from llamatune.evaluate import compare_runs
 
     source = {"topics": topics, **{c: _fingerprint(by[c].folder) for c in ("sft", "rm", "ppo")}}
     out = out_dir / "held_out.jsonl"
     t = time.perf_counter()
-    if state.get("held_out", {}).get("source") == source and out.is_file():
+    done = state.get("held_out", {})
+    if done.get("source") == source and out.is_file():
         print("pipeline: held-out check skipped (same runs)", flush=True)
-        status, wall, mean = "skipped", state["held_out"].get("wall_s"), state["held_out"]["mean"]
-        n, better = state["held_out"]["prompts"], state["held_out"]["better"]
+        status = "skipped"
     else:
         prompts = topic_prompts(by["rm"].cfg, topics, by["rm"].recipe_path)
         if not prompts:
@@ -448,15 +449,16 @@ def _held_out(plans: list[Plan], out_dir: Path, state: dict) -> dict | None:
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, out)
-        wall, status, mean, n = time.perf_counter() - t, "ran", res["mean"], len(rows)
-        better = sum(r["final_score"] > r["sft_score"] for r in rows)
-        state["held_out"] = {"source": source, "wall_s": wall, "mean": mean, "prompts": n,
-                             "better": better}
+        done = state["held_out"] = {
+            "source": source, "wall_s": time.perf_counter() - t, "mean": res["mean"],
+            "prompts": len(rows), "better": sum(r["final_score"] > r["sft_score"] for r in rows)}
+        status = "ran"
         _release_memory()
-    return {"stage": "held-out", "status": status, "wall_s": wall,
+    mean = done["mean"]
+    return {"stage": "held-out", "status": status, "wall_s": done["wall_s"],
             "key_figure": f"RM score sft {mean['sft']:.3g} -> final {mean['final']:.3g} "
-                          f"({better}/{n} prompts better)",
-            "folder": str(out), "mean": mean, "prompts": n, "better": better}
+                          f"({done['better']}/{done['prompts']} prompts better)",
+            "folder": str(out), "mean": mean, "prompts": done["prompts"], "better": done["better"]}
 
 
 def _table(rows: list[dict]) -> str:

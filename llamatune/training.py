@@ -157,6 +157,11 @@ class Part(list):
     dummy = False
 
 
+def _global_batch(tcfg: TrainConfig, shard: bool) -> int:
+    """Samples a micro-batch spans: over every process when training batches are sharded."""
+    return tcfg.batch_size * (dist.world().size if shard else 1)
+
+
 def _parts(groups: list[list[int]], shard: bool) -> list[Part]:
     out = []
     for g in groups:
@@ -188,7 +193,7 @@ def batch_groups(lengths: list[int], tcfg: TrainConfig, epoch: int,
     rng = random.Random(tcfg.seed * 1_000_003 + epoch)
     if shuffle:
         rng.shuffle(order)
-    bs = tcfg.batch_size * (dist.world().size if shard else 1)
+    bs = _global_batch(tcfg, shard)
     groups = [order[i : i + bs] for i in range(0, len(order), bs)]
     if shuffle and tcfg.group_by_length:
         chunk = 64 * bs
@@ -226,7 +231,7 @@ def epoch_batches(
         rng = random.Random(tcfg.seed * 1_000_003 + epoch)
         if shuffle:
             rng.shuffle(order)
-        bs = tcfg.batch_size * (dist.world().size if shuffle else 1)
+        bs = _global_batch(tcfg, shuffle)
         rows = pack([samples[i] for i in order], tcfg.max_length)
         parts = _parts([list(range(i, min(i + bs, len(rows)))) for i in range(0, len(rows), bs)],
                        shuffle)
@@ -759,16 +764,15 @@ class Loop:
         from llamatune.model import fp32_trainable, load_trainable
 
         fp32_trainable(loaded.net)
-        if begun.resume_from is not None:  # before a launcher's wrapper shards the weights
+        if begun.resume_from is not None:  # into float32 masters, before DDP copies them
             load_trainable(loaded, begun.resume_from)
-        # Under a launcher: the net wrapped (DDP, FSDP2) before the optimizer sees its weights.
+        # Under a launcher: the net wrapped (DDP) before the optimizer sees its weights.
         self.wrapped = dist.prepare(loaded.net)
         self.optimizer = build_optimizer(loaded.net, tc)
         self.scheduler = build_scheduler(self.optimizer, tc, self.total_steps)
         w = dist.world()
         if w.size > 1:
-            units = "prompts" if hasattr(stage, "iteration") else "samples"
-            per = (f"{cfg.ppo.rollout_batch} prompts" if units == "prompts" else
+            per = (f"{cfg.ppo.rollout_batch} prompts" if hasattr(stage, "iteration") else
                    f"{tc.batch_size} x {tc.grad_accum} accumulation")
             print(f"{w.size} processes ({w.scheme}): global batch {per} x {w.size} processes",
                   flush=True)
@@ -821,11 +825,8 @@ class Loop:
 
         tc = self.cfg.train
         grad_norm = None
-        if tc.max_grad_norm > 0:
-            acc = dist.world().accelerator  # FSDP's shards need its own norm
-            clip = acc.clip_grad_norm_ if acc is not None else torch.nn.utils.clip_grad_norm_
-            norm = clip(self._params, tc.max_grad_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if tc.max_grad_norm > 0:  # under DDP every process holds the same reduced gradients
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, tc.max_grad_norm))
         check_finite(self.step + 1, loss, grad_norm, self.run_dir)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
@@ -839,16 +840,14 @@ class Loop:
         undone), so every unit weighs the same wherever it landed: N processes at the same
         global batch take the step one process would.
         """
-        import contextlib
-
         stage, size = self.stage, dist.world().size
         window = [self.next_batch() for _ in range(self.cfg.train.grad_accum)]
         real = [not bool(b.get("dummy", False)) for b in window]
         count = dist.all_sum([sum(stage.count(b) for b, r in zip(window, real) if r)])[0]
         step_loss, sums, tokens = 0.0, {}, 0
         for i, (b, r) in enumerate(zip(window, real)):
-            last = i == len(window) - 1  # gradients are synchronized on the last backward
-            with contextlib.nullcontext() if last else dist.no_sync(self.wrapped):
+            # Gradients are synchronized on the window's last backward only.
+            with dist.no_sync(self.wrapped, enabled=i < len(window) - 1):
                 loss_sum, figures = stage.loss(b)
                 if not r:  # a dummy part: in step with the other processes, no weight
                     loss_sum, figures = loss_sum * 0, {k: 0.0 for k in figures}

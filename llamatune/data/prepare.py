@@ -33,7 +33,7 @@ from llamatune.data.tokenize import (
 from llamatune.errors import UserError
 
 __all__ = ["KINDS", "Prepared", "check", "held_out_prompts", "prepare", "resolve_data_path",
-           "verification_samples"]
+           "topic_prompts", "verification_samples"]
 
 KINDS = {
     "conversations": ("alpaca", "sharegpt", "messages"),
@@ -231,10 +231,30 @@ def held_out_prompts(cfg, kind: str, n: int) -> tuple[list[list[dict]], str]:
     """
     train_recs, eval_recs, _ = _records(cfg, None, kind)
     recs, source = (eval_recs, "eval split") if eval_recs else (train_recs, "training samples")
-    out = []
-    for r in recs[:n]:
-        msgs = r["prompt"] if kind == "pairs" else r["messages"]
-        last = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
-        if last is not None:
-            out.append(msgs[: last + 1])
-    return out, source
+    return [c for c in map(_asked, recs[:n]) if c is not None], source
+
+
+def topic_prompts(cfg, topics: list[str], recipe_path: str | None = None) -> list[dict]:
+    """The distinct prompts of the ``data.path`` rows whose ``topic`` is one of ``topics``.
+
+    What ``data.holdout_topics`` set aside, for asking a trained model about it afterwards.
+
+    Returns:
+        ``{"topic", "messages"}`` per distinct prompt, in file order; ``messages`` ends with
+        the row's last user turn.
+    """
+    d = cfg.data
+    wanted, seen, out = set(topics), set(), []
+    for r in read_records(resolve_data_path(d.path, recipe_path), d.format, d.fields):
+        msgs = _asked(r) if r.get("topic") in wanted else None
+        if msgs is not None and str(msgs) not in seen:
+            seen.add(str(msgs))
+            out.append({"topic": r["topic"], "messages": msgs})
+    return out
+
+
+def _asked(rec: dict) -> list[dict] | None:
+    """A record's conversation up to its last user turn (``None`` without one)."""
+    msgs = rec["prompt"] if "prompt" in rec else rec["messages"]  # pairs keep the prompt apart
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+    return None if last is None else msgs[: last + 1]
