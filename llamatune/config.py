@@ -471,7 +471,8 @@ def _type_name(hint) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if origin is list:
-        return "a list of " + _type_name(typing.get_args(hint)[0]) + "s"
+        item = _type_name(typing.get_args(hint)[0])  # "a string" -> "a list of strings"
+        return "a list of " + item.split(" ", 1)[-1] + "s"
     if origin is dict:
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(

@@ -51,10 +51,10 @@ class Net(torch.nn.Module):
 
     # -- a launcher's wrapper ---------------------------------------------------------------
     def wrap(self, wrapper) -> None:
-        """Send every later call of this net through ``wrapper`` (DDP, FSDP: see ``dist``).
+        """Send every later call of this net through ``wrapper`` (DDP: see ``llamatune.dist``).
 
         Stages keep calling the net they hold; each call enters the wrapper's forward (which
-        calls back into this module), so gradient synchronization and sharding see every
+        calls back into this module), so gradient synchronization sees every
         forward pass. Held outside the module tree, so it is not a submodule.
         """
         self.__dict__["_wrapper"] = wrapper

@@ -147,10 +147,9 @@ class PPORecipe(training.StageRun):
             scored["kl"] = (scored["old"] - scored["ref"]) * roll["mask"]
         figures.update(self._rollout_figures(roll, scored), rollout_s=round(rollout_s, 3),
                        update_s=round(time.perf_counter() - t1, 3), kl_coef=self.kl.coef,
-                       tokens=int(roll["mask"].sum()))
+                       tokens=int(roll["mask"].sum()), loss=loss)
         figures = dist.mean(figures)  # every process then adapts and stops alike
-        tokens = int(figures.pop("tokens") * dist.world().size)
-        loss = dist.mean({"loss": loss})["loss"]
+        tokens, loss = int(figures.pop("tokens") * dist.world().size), figures.pop("loss")
         if "kl" in figures:
             self.kl.update(figures["kl"], len(rows))
         if p.sample_every and (loop.step + 1) % p.sample_every == 0 and dist.world().main:
