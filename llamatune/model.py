@@ -672,11 +672,20 @@ def _saved_has_bias(path) -> bool:
         return "bias" in f.keys()
 
 
+def _live_state(module) -> dict:
+    """``module``'s parameters and buffers by state-dict name, as the module holds them now.
+
+    Not ``state_dict()``: under FSDP2 that always returns the shards, while inside
+    :func:`llamatune.dist.full_params` the module holds whole weights.
+    """
+    return {**dict(module.named_buffers()), **dict(module.named_parameters())}
+
+
 def save_head(head, path) -> None:
     """Write a scalar head as safetensors (``weight`` ``[1, d]``, and ``bias`` ``[1]`` if any)."""
     from safetensors.torch import save_file
 
-    sd = {k: v.detach().contiguous().cpu() for k, v in head.linear.state_dict().items()}
+    sd = {k: v.detach().cpu().clone() for k, v in _live_state(head.linear).items()}
     save_file(sd, str(path), metadata={"format": "pt", "kind": "llamatune-scalar-head"})
 
 
@@ -832,11 +841,11 @@ def save_adapter(model, name: str, folder) -> None:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sd = get_peft_model_state_dict(model, adapter_name=name)
+    sd = get_peft_model_state_dict(model, state_dict=_live_state(model), adapter_name=name)
     cfg = copy.deepcopy(model.peft_config[name])
     cfg.inference_mode = True
     cfg.save_pretrained(str(folder))
-    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()},
+    save_file({k: v.detach().cpu().clone() for k, v in sd.items()},
               str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
@@ -851,7 +860,10 @@ def save_trainable(loaded: Loaded, folder) -> None:
     if name is not None:
         save_adapter(loaded.model, name, folder)
     elif loaded.trainable and not loaded.adapters:
-        unwrap_model(loaded.model).save_pretrained(str(folder), safe_serialization=True)
+        inner = unwrap_model(loaded.model)
+        keys = inner.state_dict().keys()
+        inner.save_pretrained(str(folder), safe_serialization=True, state_dict={
+            k: v.detach() for k, v in _live_state(inner).items() if k in keys})
     for hname, head in loaded.heads.items():
         if any(p.requires_grad for p in head.parameters()):
             save_head(head, folder / head_file(hname))

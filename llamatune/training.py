@@ -428,10 +428,9 @@ class Progress:
             self.bar.close()
 
 
-def _save_optimizer(optimizer, folder: Path) -> None:
+def _save_optimizer(sd: dict, folder: Path) -> None:
     from safetensors.torch import save_file
 
-    sd = optimizer.state_dict()
     tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
     for idx, st in sd["state"].items():
         meta["state"][str(idx)] = {}
@@ -453,6 +452,11 @@ def _load_optimizer(optimizer, folder: Path) -> None:
     for name, t in tensors.items():
         idx, _, key = name.partition(".")
         state.setdefault(int(idx), {})[key] = t
+    # Under FSDP2 each process keeps its shard of the whole moments the file holds.
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for idx, st in state.items():
+        if idx < len(params):
+            state[idx] = {k: dist.local_like(params[idx], v) for k, v in st.items()}
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
@@ -471,8 +475,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         save_model: ``callable(model, folder)`` writing the trainable weights.
 
     Under a launcher every process calls it: the weights and optimizer are the same on
-    every process (DDP), each process's random state is gathered, and the main process
-    writes the folder while the others wait.
+    every process (DDP) or made whole from their shards (FSDP2), each process's random
+    state is gathered, and the main process writes the folder while the others wait.
 
     Returns:
         The checkpoint folder.
@@ -482,14 +486,15 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     final = run_dir / f"checkpoint-{step}"
     states = dist.gather({"torch": torch.get_rng_state(), **(
         {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})})
-    with dist.on_main() as main:
+    moments = dist.full_state(optimizer.state_dict())
+    with dist.full_params(getattr(model, "net", model)), dist.on_main() as main:
         if main:
-            _write_checkpoint(run_dir, final, step, model, optimizer, scheduler, state, keep,
+            _write_checkpoint(run_dir, final, step, model, moments, scheduler, state, keep,
                               save_model, states)
     return final
 
 
-def _write_checkpoint(run_dir, final, step, model, optimizer, scheduler, state, keep,
+def _write_checkpoint(run_dir, final, step, model, moments, scheduler, state, keep,
                       save_model, states) -> None:
     from safetensors.torch import save_file
 
@@ -497,7 +502,7 @@ def _write_checkpoint(run_dir, final, step, model, optimizer, scheduler, state, 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, tmp)
-    _save_optimizer(optimizer, tmp)
+    _save_optimizer(moments, tmp)
     rng = dict(states[0])  # the main process's, under the names a single process uses
     for rank, st in enumerate(states[1:], 1):
         rng.update({f"{k}.{rank}": v for k, v in st.items()})
@@ -715,7 +720,8 @@ class StageRun:
         from llamatune.model import save_trainable
         from llamatune.rundir import write_final
 
-        write_final(self.run_dir, lambda folder: save_trainable(self.loaded, folder))
+        with dist.full_params(self.loaded.net):  # FSDP2: every process, whole weights
+            write_final(self.run_dir, lambda folder: save_trainable(self.loaded, folder))
         print(f"saved {self.saved}, tokenizer and config to {self.run_dir}", flush=True)
 
 
@@ -826,7 +832,8 @@ class Loop:
         tc = self.cfg.train
         grad_norm = None
         if tc.max_grad_norm > 0:  # under DDP every process holds the same reduced gradients
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, tc.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(self._params, tc.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         check_finite(self.step + 1, loss, grad_norm, self.run_dir)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)

@@ -35,16 +35,21 @@ def _env(tmp_path):
     return env
 
 
-def _launch_cmd(n, argv):
-    if n == 1:
+def _launch_cmd(n, argv, config=None):
+    """``argv`` alone (n=1), or under ``accelerate launch`` (DDP, or a packaged ``config``)."""
+    if n == 1 and config is None:
         return [sys.executable, "-m", "llamatune", *argv]
+    if config is not None:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(dist.launch_config(config)), "--num_processes", str(n), "-m", "llamatune",
+                *argv]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
             "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
             "--dynamo_backend", "no", "-m", "llamatune", *argv]
 
 
-def _run(tmp_path, n, argv):
-    proc = subprocess.run(_launch_cmd(n, argv), cwd=REPO, env=_env(tmp_path),
+def _run(tmp_path, n, argv, config=None):
+    proc = subprocess.run(_launch_cmd(n, argv, config), cwd=REPO, env=_env(tmp_path),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -172,19 +177,22 @@ def test_ppo_runs_under_two_processes(tmp_path, tiny_model_dir):
     assert len(samples) == 3 * 4, "four samples an iteration, written once"
 
 
-def test_kill_under_two_processes_then_resume_continues_exactly(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("config", [None, "fsdp2"])
+def test_kill_under_two_processes_then_resume_continues_exactly(config, tmp_path,
+                                                                tiny_model_dir):
+    """DDP, and FSDP2 (its checkpoints made whole from the shards, sharded again on resume)."""
     data = _sft_data(tmp_path)
     common = dict(model={"dtype": "float32"}, data={"eval_split": 0},
                   train={"max_steps": 24, "batch_size": 2, "save_every": 1,
                          "keep_checkpoints": 2, "lr": 1e-2})
     straight = make_recipe(tmp_path / "straight", tiny_model_dir, data, **common)
-    _run(tmp_path, 2, ["sft", str(straight)])
+    _run(tmp_path, 2, ["sft", str(straight)], config)
     want = [r for r in _rows(tmp_path / "straight" / "run") if "loss" in r]
 
     recipe = make_recipe(tmp_path / "killed", tiny_model_dir, data, **common)
     run = tmp_path / "killed" / "run"
-    proc = subprocess.Popen(_launch_cmd(2, ["sft", str(recipe)]), cwd=REPO, env=_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_launch_cmd(2, ["sft", str(recipe)], config), cwd=REPO,
+                            env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         metrics = run / "metrics.jsonl"
@@ -201,7 +209,7 @@ def test_kill_under_two_processes_then_resume_continues_exactly(tmp_path, tiny_m
     psutil.wait_procs(family, timeout=30)
     err = proc.communicate()[1].decode()
     assert not (run / "adapter_model.safetensors").exists(), f"the run ended first: {err[-2000:]}"
-    _run(tmp_path, 2, ["sft", str(recipe), "resume=true"])
+    _run(tmp_path, 2, ["sft", str(recipe), "resume=true"], config)
     got = [r for r in _rows(run) if "loss" in r]
     assert [r["step"] for r in got] == list(range(1, 25))
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], abs=1e-6)
@@ -255,3 +263,114 @@ def test_qlora_under_two_processes_gives_the_loss_rows_of_one(tmp_path, tiny_wid
     assert len(b) == 3
     _same_rows(a, b, ["loss", "grad_norm"])
     _one_copy_of_everything(tmp_path / "two" / "run")
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_fsdp2_two_processes_give_the_loss_rows_and_adapter_of_one(tmp_path, tiny_model_dir):
+    """The packaged fsdp2 config: sharded layers, accumulation without syncing, whole files."""
+    data = _sft_data(tmp_path)
+    common = dict(model={"dtype": "float32"}, data={"eval_split": 0.1},
+                  train={"max_steps": 6, "grad_accum": 2, "lr": 1e-2, "eval_every": 3,
+                         "save_every": 3})
+    one = make_recipe(tmp_path / "one", tiny_model_dir, data, **common)
+    two = make_recipe(tmp_path / "two", tiny_model_dir, data, **common)
+    _run(tmp_path, 1, ["sft", str(one), "train.batch_size=4"])
+    proc = _run(tmp_path, 1, ["sft", str(two), "--accelerate_config", "fsdp2",
+                              "--num_processes", "2", "train.batch_size=2"])
+    assert "2 processes (fsdp2): global batch 2 x 2 accumulation x 2 processes" in proc.stdout
+    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
+    assert len([r for r in b if "loss" in r]) == 6
+    _same_rows(a, b, ["loss", "grad_norm", "eval_loss"])
+    _one_copy_of_everything(tmp_path / "two" / "run")
+    # The saved adapter and checkpoint are whole tensors, the ones one process trains.
+    for name in ("adapter_model.safetensors", "checkpoint-3/adapter_model.safetensors",
+                 "checkpoint-3/optimizer.safetensors"):
+        want, got = _tensors(tmp_path / "one" / "run" / name), _tensors(tmp_path / "two" / "run" / name)
+        assert sorted(want) == sorted(got)
+        for k in want:
+            assert got[k].shape == want[k].shape, (name, k)
+            assert got[k].float().sub(want[k].float()).abs().max() <= 1e-4 * (
+                1 + want[k].float().abs().max()), (name, k)
+
+
+def test_fsdp2_reward_model_two_processes_give_the_rows_of_one(tmp_path, tiny_model_dir):
+    """A score head (in the root unit) and pair batches under FSDP2."""
+    data = write_jsonl(tmp_path / "pref.jsonl", _pairs())
+    sections = _cfg_sections(stage="rm", model={"dtype": "float32"}, lora={"dropout": 0.0},
+                             train={"max_steps": 4, "lr": 1e-2, "eval_every": 4})
+    one = make_recipe(tmp_path / "one", tiny_model_dir, data, **sections)
+    two = make_recipe(tmp_path / "two", tiny_model_dir, data, **sections)
+    _run(tmp_path, 1, ["rm", str(one), "train.batch_size=6"])
+    _run(tmp_path, 2, ["rm", str(two), "train.batch_size=3"], "fsdp2")
+    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
+    _same_rows(a, b, ["loss", "grad_norm", "eval_loss", "accuracy", "eval_accuracy"])
+    _one_copy_of_everything(tmp_path / "two" / "run")
+    want = _tensors(tmp_path / "one" / "run" / "score_head.safetensors")
+    got = _tensors(tmp_path / "two" / "run" / "score_head.safetensors")
+    assert all(got[k].shape == want[k].shape for k in want)
+
+
+def test_fsdp2_ppo_generates_from_whole_weights(tmp_path, tiny_model_dir):
+    """Rollouts of different lengths per process, a value head, checkpoints: under FSDP2."""
+    from test_ppo import _prompts, _reward_file
+
+    reward = f"{_reward_file(tmp_path)}:cat_count"
+    recipe = make_recipe(tmp_path, tiny_model_dir, _prompts(tmp_path), stage="ppo",
+                         model={"dtype": "float32"},
+                         data={"format": "prompts", "template": "chatml", "eval_split": 4},
+                         ppo={"reward_fn": reward, "rollout_batch": 2, "k": 2,
+                              "max_new_tokens": 6, "advantage": "gae"},
+                         train={"max_steps": 2, "batch_size": 2, "eval_every": 2,
+                                "save_every": 1})
+    proc = _run(tmp_path, 2, ["ppo", str(recipe)], "fsdp2")
+    assert "2 processes (fsdp2)" in proc.stdout
+    run = tmp_path / "run"
+    assert [r["step"] for r in _rows(run) if "reward_mean" in r] == [1, 2]
+    assert [r["step"] for r in _rows(run) if "eval_reward" in r] == [0, 2]
+    _one_copy_of_everything(run)
+    head = _tensors(run / "value_head.safetensors")
+    assert all(t.dim() >= 1 for t in head.values())
+
+
+def test_qlora_under_fsdp2_gives_the_loss_rows_of_one(tmp_path, tiny_wide_model_dir):
+    """A 4-bit base (stored in the compute dtype) sharded by FSDP2: the rows of one process."""
+    pytest.importorskip("bitsandbytes")
+    data = _sft_data(tmp_path)
+    common = dict(model={"dtype": "float32", "quantization": "4bit"}, data={"eval_split": 0},
+                  train={"max_steps": 3, "lr": 1e-2, "group_by_length": False})
+    one = make_recipe(tmp_path / "one", tiny_wide_model_dir, data, **common)
+    two = make_recipe(tmp_path / "two", tiny_wide_model_dir, data, **common)
+    _run(tmp_path, 1, ["sft", str(one), "train.batch_size=4"])
+    _run(tmp_path, 2, ["sft", str(two), "train.batch_size=2"], "fsdp2")
+    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
+    assert len(b) == 3
+    _same_rows(a, b, ["loss", "grad_norm"])
+    _one_copy_of_everything(tmp_path / "two" / "run")
+
+
+@pytest.mark.parametrize("env,words", [
+    ({"FSDP_VERSION": "1"}, "fsdp_version 1"),
+    ({"FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params"),
+    ({"FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"},
+     "train.gradient_checkpointing"),
+    ({"FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "SIZE_BASED_WRAP"),
+])
+def test_fsdp_settings_llamatune_does_not_run_are_refused(env, words):
+    from llamatune.errors import UserError
+
+    with pytest.raises(UserError, match=words):
+        dist._fsdp_settings(env)
+
+
+def test_fsdp_settings_from_the_packaged_config():
+    env = {"FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false",
+           "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+           "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer"}
+    assert dist._fsdp_settings(env) == dist.Fsdp(False, ("LlamaDecoderLayer",))
+    assert dist._fsdp_settings({"FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}).layers == ()
+    assert dist._fsdp_settings({"FSDP_VERSION": "2"}).layers is None

@@ -179,8 +179,10 @@ class PPORecipe(training.StageRun):
 
         p = self.cfg.ppo
         prompts = [s["input_ids"] for s in rows]
-        resp = generate(self.net.model, self.tokenizer, prompts, stop_ids=self.stop_ids,
-                        max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p)
+        with dist.full_params(self.net):  # FSDP2: each process decodes its own steps
+            resp = generate(self.net.model, self.tokenizer, prompts, stop_ids=self.stop_ids,
+                            max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                            top_p=p.top_p)
         batch = response_batch(prompts, resp.ids, self.pad_id)
         return {"batch": batch, "mask": batch["labels"][:, 1:] != -100, "text": resp.text,
                 "ids": resp.ids, "ended": resp.ended, "rows": rows}
@@ -360,9 +362,11 @@ class PPORecipe(training.StageRun):
         from llamatune.rollout import generate
 
         p = self.cfg.ppo
-        resp = generate(self.net.model, self.tokenizer, [s["input_ids"] for s in self.eval_samples],
-                        stop_ids=self.stop_ids, max_new_tokens=p.max_new_tokens, greedy=True,
-                        batch_size=max(self.cfg.train.batch_size, 8))
+        with dist.full_params(self.net):
+            resp = generate(self.net.model, self.tokenizer,
+                            [s["input_ids"] for s in self.eval_samples], stop_ids=self.stop_ids,
+                            max_new_tokens=p.max_new_tokens, greedy=True,
+                            batch_size=max(self.cfg.train.batch_size, 8))
         scores = self._rewards({"rows": self.eval_samples, "text": resp.text})
         n = max(len(scores), 1)
         out = {"eval_reward": sum(scores) / n}
