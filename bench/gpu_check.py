@@ -16,8 +16,7 @@ What it measures, each part on its own so one failure does not hide the rest:
 3. ``qlora``: llamatune with a 4-bit base, if bitsandbytes imports: tokens/s and peak memory
    against the QLoRA estimate.
 4. ``fsdp``: a one-process ``accelerate launch`` of ``llamatune sft`` with the packaged
-   ``fsdp2`` config on a small model: what happens (llamatune's loop does not run FSDP yet,
-   so a refusal is the expected answer until it does).
+   ``fsdp2`` config on a small model (FSDP2 over NCCL): exit code and the loss rows.
 
 Prints one JSON object (also written to ``--out/gpu_check.json``).
 """
@@ -200,7 +199,12 @@ def run_fsdp(model_dir: Path, data: Path, args) -> dict:
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     text = p.stdout + p.stderr
     said = [ln for ln in text.splitlines() if "llamatune sft: error" in ln or "Error" in ln]
-    return {"rc": p.returncode, "said": said[:3], "tail": text[-400:]}
+    metrics = args.out / "run_fsdp" / "metrics.jsonl"
+    rows = ([json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file()
+            else [])
+    return {"rc": p.returncode, "said": said[:3], "losses": [r["loss"] for r in rows if "loss" in r],
+            "fsdp2_line": [ln for ln in text.splitlines() if "(fsdp2)" in ln][:1],
+            "tail": text[-400:]}
 
 
 def main() -> int:

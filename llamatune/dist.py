@@ -15,9 +15,12 @@ What the rest of the package asks of it:
 * :func:`prepare` -- the net wrapped for the launcher's scheme: DDP (every call of the net then
   goes through the wrapper, :meth:`llamatune.net.Net.wrap`) or FSDP2 (torch's ``fully_shard``
   on each decoder layer and on the net, in place);
-* :func:`full_params`, :func:`full_state`, :func:`local_like` -- under FSDP2, whole weights for
-  what runs outside the net's forward (generation, saving) and whole optimizer state in
-  checkpoints.
+* :func:`full_params`, :func:`whole_trainables`, :func:`optimizer_state`,
+  :func:`load_optimizer_state` -- under FSDP2 or ZeRO-3, whole weights for what runs outside
+  the net's forward (generation) and whole trainable weights for saving; under FSDP2 or ZeRO,
+  whole optimizer state in checkpoints, in the one-process format;
+* :func:`backward`, :func:`step` -- a backward pass and an optimizer step, which DeepSpeed's
+  engine takes over under ZeRO.
 
 **FSDP2 on accelerate's configs.** accelerate's own FSDP path runs on GPUs only (its CPU state
 never becomes ``FSDP``), so a CPU could not test it. llamatune therefore reads the launcher's
@@ -27,6 +30,14 @@ the tests run. The per-parameter sharding of FSDP2 takes a 4-bit base as bitsand
 it in the compute dtype (``bnb_4bit_quant_storage``; see :mod:`llamatune.model`) beside
 float32 LoRA matrices: the gathered groups hold whole parameters, and only trainable ones
 (all float32) have gradients to reduce.
+
+**DeepSpeed ZeRO-2 and ZeRO-3** run through accelerate (``accelerator.prepare`` of the net and
+the optimizer), with llamatune's loop still in charge of batches and accumulation: the
+engine's micro-batch is ``train.batch_size``, its own accumulation is off (one window's
+boundary is set explicitly, on its last backward), and its gradient clipping is
+``train.max_grad_norm``. The engine takes the optimizer step; llamatune's schedule sets the
+learning rate on the same parameter groups. Checkpoints hold the whole AdamW moments
+(DeepSpeed's ``safe_get_full_optimizer_state``), never DeepSpeed's pickled checkpoint files.
 """
 
 from __future__ import annotations
@@ -39,9 +50,10 @@ from pathlib import Path
 
 from llamatune.errors import UserError
 
-__all__ = ["LAUNCH_DIR", "Fsdp", "World", "all_sum", "barrier", "full_params", "full_state",
-           "gather", "launch", "launch_config", "launch_configs", "launched", "local_like", "mean",
-           "no_sync", "on_main", "prepare", "shard", "world"]
+__all__ = ["LAUNCH_DIR", "Fsdp", "World", "all_sum", "backward", "barrier", "full_params",
+           "gather", "launch", "launch_config", "launch_configs", "launched",
+           "load_optimizer_state", "mean", "no_sync", "on_main", "optimizer_state", "prepare",
+           "shard", "step", "whole", "whole_trainables", "world"]
 
 _LAUNCH_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
 LAUNCH_DIR = Path(__file__).resolve().parent / "launch"
@@ -69,6 +81,8 @@ class World:
     """accelerate's ``Accelerator`` when launched with more than one process, else ``None``."""
     fsdp: Fsdp | None = None
     """FSDP2's settings when the launcher's config asks for FSDP, else ``None``."""
+    zero: int | None = None
+    """The DeepSpeed ZeRO stage (2 or 3) when the launcher's config asks for DeepSpeed."""
 
     @property
     def main(self) -> bool:
@@ -77,9 +91,11 @@ class World:
 
     @property
     def scheme(self) -> str:
-        """``single``, ``ddp`` or ``fsdp2`` (DeepSpeed is refused when the world is made)."""
+        """``single``, ``ddp``, ``fsdp2``, ``zero2`` or ``zero3``."""
         if self.fsdp is not None:
             return "fsdp2"
+        if self.zero is not None:
+            return f"zero{self.zero}"
         return "ddp" if self.size > 1 else "single"
 
 
@@ -105,12 +121,7 @@ def _make_world() -> World:
     if not launched():
         return World()
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        stage3 = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-        raise UserError("DeepSpeed (the zero2/zero3 accelerate configs) is not run by llamatune's "
-                        "loop yet" + (" (and ZeRO-3 cannot shard a 4-bit base: bitsandbytes' "
-                                      "quantized weights are not supported by ZeRO-3 upstream)"
-                                      if stage3 else "") +
-                        "; use the ddp config (`llamatune ls --accelerate`).")
+        return _deepspeed_world(_zero_stage(os.environ))
     fsdp = None
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         fsdp = _fsdp_settings(os.environ)
@@ -131,6 +142,52 @@ def _make_world() -> World:
             init_method=f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:"
                         f"{os.environ.get('MASTER_PORT', '29500')}")
     return World(acc.process_index, acc.num_processes, acc, fsdp)
+
+
+def _deepspeed_world(stage: int) -> World:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # Without a GPU, accelerate leaves DeepSpeed's backend unnamed and then counts one
+    # process on every rank; naming gloo gives it the real rank and size.
+    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    acc = Accelerator(kwargs_handlers=handlers)
+    return World(acc.process_index, acc.num_processes, acc, zero=stage)
+
+
+def _zero_stage(env) -> int:
+    """The ZeRO stage the launcher's DeepSpeed config asks for, or a clear refusal.
+
+    Raises:
+        UserError: DeepSpeed is not installed, or a setting llamatune does not run (ZeRO-0/1,
+            offloading).
+    """
+    import importlib.util
+
+    where = "the accelerate config's deepspeed_config"
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"{where}: DeepSpeed is not installed; `pip install deepspeed` (or use the "
+                        "ddp or fsdp2 config: `llamatune ls --accelerate`).")
+    stage = str(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")).strip()
+    config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if not stage and config_file and os.path.isfile(config_file):
+        import json
+
+        try:
+            stage = str(json.loads(Path(config_file).read_text()).get(
+                "zero_optimization", {}).get("stage", ""))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{config_file}: not a DeepSpeed JSON config ({e}).") from None
+    if stage not in ("2", "3"):
+        raise UserError(f"{where}: zero_stage {stage or '(none)'}; llamatune runs ZeRO stages 2 "
+                        "and 3 (the zero2 and zero3 configs); for plain data parallelism use ddp.")
+    for key in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+                "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
+        if str(env.get(key, "none")).strip().lower() not in ("none", ""):
+            name = key.removeprefix("ACCELERATE_DEEPSPEED_").lower()
+            raise UserError(f"{where}: {name} {env[key]} is not supported; set it to none.")
+    return int(stage)
 
 
 def _true(env, key: str, default: str = "false") -> bool:
@@ -237,36 +294,79 @@ def on_main():
             w.accelerator.wait_for_everyone()
 
 
-def prepare(net):
+def prepare(net, optimizer=None, *, batch_size: int = 1, max_grad_norm: float = 0.0):
     """Wrap ``net`` for the launcher's scheme and route every call of it through the wrapper.
 
+    Args:
+        net: The :class:`llamatune.net.Net`.
+        optimizer: Under DeepSpeed, the optimizer the engine takes over (built before this
+            call); otherwise ``None``, and the optimizer is built after, on the wrapped
+            parameters (FSDP2 replaces them with shards).
+        batch_size: The engine's micro-batch (``train.batch_size``; DeepSpeed only).
+        max_grad_norm: The engine's gradient clipping (``train.max_grad_norm``; DeepSpeed).
+
     Returns:
-        The DDP wrapper, ``net`` itself sharded in place (FSDP2), or ``net`` when alone.
-        ``net`` stays the object stages hold: its ``model``, ``heads`` and ops are unchanged,
-        and its calls reach the wrapper's forward (gradient synchronization).
+        The DDP wrapper, the DeepSpeed engine, ``net`` itself sharded in place (FSDP2), or
+        ``net`` when alone. ``net`` stays the object stages hold: its ``model``, ``heads`` and
+        ops are unchanged, and its calls reach the wrapper's forward.
     """
     w = world()
     if w.accelerator is None:
         return net
     if w.fsdp is not None:
         return _fully_shard(net, w.fsdp)
+    if w.zero is not None:
+        return _deepspeed(net, optimizer, w, batch_size, max_grad_norm)
     wrapped = w.accelerator.prepare_model(net)
     if wrapped is not net:
         net.wrap(wrapped)
     return wrapped
 
 
-def _fully_shard(net, fsdp: Fsdp):
-    """FSDP2 on ``net``: each decoder layer one unit, the rest (embeddings, head) the root's."""
-    import torch
-    from torch.distributed.fsdp import fully_shard
+def _same_trainables(net) -> None:
+    """Make every process's trainable weights rank 0's (as DDP does when it wraps).
 
-    # Every process must shard the same weights: the base comes from the same files, and
-    # the trainable ones (seeded LoRA, heads) are made equal here, as DDP would at wrapping.
+    Sharding keeps each process's own slice, so the processes must start from the same
+    weights: the base comes from the same files, the trainable ones (seeded LoRA, heads)
+    are made equal here.
+    """
+    import torch
+
     with torch.no_grad():
         for p in net.parameters():
             if p.requires_grad:
                 torch.distributed.broadcast(p.data, src=0)
+
+
+def _deepspeed(net, optimizer, w: World, batch_size: int, max_grad_norm: float):
+    """The DeepSpeed engine over ``net`` and ``optimizer``, every call of the net through it."""
+    if optimizer is None:
+        raise ValueError("DeepSpeed needs the optimizer at prepare time")
+    _same_trainables(net)
+    config = w.accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = int(batch_size)
+    config["gradient_accumulation_steps"] = 1  # llamatune's loop accumulates (module docstring)
+    config["train_batch_size"] = int(batch_size) * w.size
+    config["gradient_clipping"] = float(max_grad_norm)
+    # ZeRO-3 gathers a weight for its module's forward and backward only; the chunked head
+    # reads the output head's weight outside it, so the head is called as a module instead.
+    net.head_by_call = w.zero == 3
+    engine, _ = w.accelerator.prepare(net, optimizer)
+    net.wrap(engine)
+    global _ENGINE
+    _ENGINE = engine
+    return engine
+
+
+_ENGINE = None
+"""The DeepSpeed engine :func:`prepare` made (its ZeRO optimizer holds the shards)."""
+
+
+def _fully_shard(net, fsdp: Fsdp):
+    """FSDP2 on ``net``: each decoder layer one unit, the rest (embeddings, head) the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    _same_trainables(net)
     names = set(getattr(net.inner, "_no_split_modules", None) or () if fsdp.layers is None
                 else fsdp.layers)
     units = [m for m in net.modules() if type(m).__name__ in names]
@@ -294,12 +394,18 @@ def _fsdp_modules(module) -> list:
 
 @contextlib.contextmanager
 def full_params(module):
-    """Whole parameters in ``module`` for the body, on every process (FSDP2); else nothing.
+    """Whole parameters in ``module`` for the body, on every process (FSDP2, ZeRO-3).
 
-    For what reads weights outside the net's forward, or calls only part of it: generation
-    (each process a different number of decoding steps, so no layer may gather again), and
-    saving the trainable weights. Every process must enter it together.
+    For what calls only part of the net, outside its forward: generation (each process a
+    different number of decoding steps, so no layer may gather again). Every process must
+    enter it together. (Saving needs only :func:`whole_trainables`.)
     """
+    if world().zero == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield
+        return
     mods = _fsdp_modules(module)
     if not mods:
         yield
@@ -318,22 +424,54 @@ def full_params(module):
             m.set_reshard_after_forward(after and m is not module, recurse=False)
 
 
-def full_state(state):
-    """``state`` (nested dicts and lists) with every sharded tensor made whole (FSDP2).
+_WHOLE: dict[int, object] = {}
+"""Parameter id to its whole copy, inside :func:`whole_trainables`."""
 
-    A collective: every process calls it with the same structure. Plain tensors and other
-    values are returned as they are.
+
+@contextlib.contextmanager
+def whole_trainables(module):
+    """Whole copies of ``module``'s trainable parameters for the body, on every process.
+
+    For saving (adapters, heads, checkpoints): :func:`whole` then returns a sharded trainable
+    parameter's whole copy. Only what trains is gathered, so a sharded frozen base stays
+    sharded. A collective under FSDP2 and ZeRO-3: every process must enter it together.
     """
+    params = [p for p in module.parameters() if p.requires_grad]
+    w = world()
+    copies = {}
+    if w.zero == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            copies = {id(p): p.detach().clone() for p in params}
+    elif w.fsdp is not None:
+        copies = {id(p): p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+                  for p in params}
+    _WHOLE.update(copies)
+    try:
+        yield
+    finally:
+        for k in copies:
+            _WHOLE.pop(k, None)
+
+
+def whole(param):
+    """``param``'s whole copy inside :func:`whole_trainables`, else ``param`` itself."""
+    return _WHOLE.get(id(param), param)
+
+
+def _full_state(state):
+    """``state`` (nested dicts and lists) with every FSDP2 shard (a DTensor) made whole."""
     if isinstance(state, dict):
-        return {k: full_state(v) for k, v in state.items()}
+        return {k: _full_state(v) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(full_state(v) for v in state)
+        return type(state)(_full_state(v) for v in state)
     if hasattr(state, "full_tensor"):
         return state.full_tensor()
     return state
 
 
-def local_like(param, full):
+def _local_like(param, full):
     """``full`` (a whole tensor) sharded as ``param`` is: its local part, or ``full`` itself."""
     if not hasattr(param, "device_mesh") or getattr(full, "shape", None) != param.shape:
         return full
@@ -343,12 +481,124 @@ def local_like(param, full):
                              src_data_rank=None)
 
 
+_ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def optimizer_state(optimizer, groups: list[list]) -> dict:
+    """The optimizer's state as one process would hold it: whole tensors, one per parameter.
+
+    A collective under FSDP2 and ZeRO: every process calls it.
+
+    Args:
+        optimizer: The torch AdamW the loop built (under ZeRO, the one the engine steps).
+        groups: Its parameter groups as built, before any wrapper saw them.
+
+    Returns:
+        ``optimizer.state_dict()``'s structure (``state`` by parameter index, ``param_groups``).
+    """
+    if world().zero is None:
+        return _full_state(optimizer.state_dict())
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    steps = [st["step"] for st in optimizer.state.values() if "step" in st]
+    state, param_groups, idx = {}, [], 0
+    for group, params in zip(optimizer.param_groups, groups):
+        ids = []
+        for p in params:
+            moments = {k: safe_get_full_optimizer_state(p, k) for k in _ADAM_MOMENTS}
+            if steps and all(v is not None for v in moments.values()):
+                state[idx] = {"step": steps[0].clone(), **{k: v.detach().cpu().reshape(p.ds_shape
+                              if hasattr(p, "ds_shape") else p.shape) for k, v in moments.items()}}
+            ids.append(idx)
+            idx += 1
+        param_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+    return {"state": state, "param_groups": param_groups}
+
+
+def load_optimizer_state(optimizer, groups: list[list], sd: dict) -> None:
+    """Load what :func:`optimizer_state` returned (a checkpoint) into this process's optimizer."""
+    params = [p for g in groups for p in g]
+    if world().zero is None:
+        # Under FSDP2 each process keeps its shard of the whole moments.
+        state = {idx: {k: _local_like(params[idx], v) for k, v in st.items()}
+                 for idx, st in sd["state"].items()}
+        optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+        return
+    import torch
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    # torch creates AdamW's state at the first step; the engine's flat partitions need it now.
+    # ZeRO-3 hands its partitions to the optimizer only while it steps, so they are asked of
+    # it; ZeRO-2's stay in the parameter groups.
+    zero_optimizer = getattr(_ENGINE, "optimizer", None)
+    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or [
+        p for g in optimizer.param_groups for p in g["params"]]
+    for flat in flats:
+        st = optimizer.state[flat]
+        if not st:
+            st["step"] = torch.tensor(0.0)
+            for k in _ADAM_MOMENTS:
+                st[k] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+    if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO-2 points each parameter at its slice of the moments once they exist (at its
+        # first step); they exist now.
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
+    step = None
+    for idx, st in sd["state"].items():
+        for k in _ADAM_MOMENTS:
+            safe_set_full_optimizer_state(params[idx], st[k].to(params[idx].device), k)
+        step = st["step"]
+    for st in optimizer.state.values():
+        if step is not None:
+            st["step"] = step.clone()
+    for group, saved in zip(optimizer.param_groups, sd["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+_OPEN_WINDOW = False
+"""Whether the last DeepSpeed backward pass was not marked as its window's last."""
+
+
+def backward(wrapped, loss, boundary: bool = True) -> None:
+    """``loss.backward()``, or the DeepSpeed engine's backward.
+
+    Args:
+        wrapped: What :func:`prepare` returned.
+        loss: A scalar already normalized for the whole step (no further scaling).
+        boundary: Whether this is the last backward before the optimizer step (ZeRO-2
+            reduces the window's gradients there).
+    """
+    global _OPEN_WINDOW
+    if world().zero is None:
+        loss.backward()
+        return
+    wrapped.set_gradient_accumulation_boundary(boundary)
+    wrapped.backward(loss, scale_wrt_gas=False)
+    _OPEN_WINDOW = not boundary
+
+
+def step(wrapped, params: list) -> float | None:
+    """The DeepSpeed engine's optimizer step (clipping included); returns the gradient norm.
+
+    A window whose last backward was not marked (a PPO window cut short by skipped parts) is
+    closed first with a zero-valued backward, so ZeRO-2 reduces what it accumulated.
+    """
+    global _OPEN_WINDOW
+    if _OPEN_WINDOW and world().zero == 2:
+        backward(wrapped, sum((p * 0).sum() for p in params), boundary=True)
+    _OPEN_WINDOW = False
+    wrapped.set_gradient_accumulation_boundary(True)
+    wrapped.step()
+    norm = wrapped.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
 def no_sync(wrapped, enabled: bool = True):
     """A context in which backward passes accumulate without synchronizing gradients.
 
     ``enabled=False`` (the last backward of an accumulation window) synchronizes as usual.
     """
-    if not enabled:
+    if not enabled or world().zero is not None:  # ZeRO: the window's boundary (see backward)
         return contextlib.nullcontext()
     if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
         return _fsdp_no_sync(wrapped)

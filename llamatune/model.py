@@ -673,12 +673,15 @@ def _saved_has_bias(path) -> bool:
 
 
 def _live_state(module) -> dict:
-    """``module``'s parameters and buffers by state-dict name, as the module holds them now.
+    """``module``'s parameters and buffers by state-dict name, whole where they are sharded.
 
-    Not ``state_dict()``: under FSDP2 that always returns the shards, while inside
-    :func:`llamatune.dist.full_params` the module holds whole weights.
+    Not ``state_dict()``: under FSDP2 or ZeRO-3 that returns shards, while inside
+    :func:`llamatune.dist.whole_trainables` the trainable ones have whole copies.
     """
-    return {**dict(module.named_buffers()), **dict(module.named_parameters())}
+    from llamatune import dist
+
+    return {**dict(module.named_buffers()),
+            **{n: dist.whole(p) for n, p in module.named_parameters()}}
 
 
 def save_head(head, path) -> None:
@@ -821,8 +824,9 @@ def load_model(
 def model_line(path: str, loaded: Loaded, extra: str = "") -> str:
     """The ``model:`` line a stage prints: size, what trains, dtypes and why, 4-bit path."""
     net = loaded.net
-    n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in net.parameters())
+    # ds_numel: a parameter ZeRO-3 has partitioned holds none of its elements here.
+    n_train = sum(getattr(p, "ds_numel", p.numel()) for p in net.parameters() if p.requires_grad)
+    n_all = sum(getattr(p, "ds_numel", p.numel()) for p in net.parameters())
     return (f"model: {path}{extra} on {loaded.device}, {n_all:,} parameters, {n_train:,} "
             f"trainable ({100 * n_train / max(n_all, 1):.2f}%); {loaded.describe()}")
 

@@ -48,6 +48,9 @@ class Net(torch.nn.Module):
         self.model = model
         self.heads = torch.nn.ModuleDict(heads or {})
         self.chunked_head = chunked_head
+        self.head_by_call = False
+        """Call the output head as a module, never read its weight (DeepSpeed ZeRO-3 gathers
+        a weight only for its module's own forward and backward)."""
 
     # -- a launcher's wrapper ---------------------------------------------------------------
     def wrap(self, wrapper) -> None:
@@ -141,7 +144,8 @@ class Net(torch.nn.Module):
         mask = labels != -100
         h = hidden[:, :-1][mask]
         out = self.inner.get_output_embeddings()
-        if self.chunked_head and type(out) is torch.nn.Linear and out.bias is None:
+        if (self.chunked_head and not self.head_by_call and type(out) is torch.nn.Linear
+                and out.bias is None):
             from llamatune._head_loss import head_cross_entropy_sum
 
             loss = head_cross_entropy_sum(h, out.weight, labels[mask])
@@ -163,7 +167,7 @@ class Net(torch.nn.Module):
             h = hidden[:, :-1][mask]
             y = labels[mask]
         out = self.inner.get_output_embeddings()
-        if type(out) is torch.nn.Linear and out.bias is None:
+        if not self.head_by_call and type(out) is torch.nn.Linear and out.bias is None:
             from llamatune._head_loss import head_logprobs
 
             res = head_logprobs(h, out.weight, y, temperature, entropy)

@@ -71,12 +71,13 @@ def set_seed(seed: int) -> None:
         pass
 
 
-def build_optimizer(model, tcfg: TrainConfig):
+def build_optimizer(model, tcfg: TrainConfig, allocate: bool = True):
     """AdamW over trainable parameters; no weight decay on biases and norms.
 
     Trainable parameters are given float32 storage first (the dtype policy of
     :mod:`llamatune.model`), so master weights and AdamW moments are float32 whatever the
-    frozen base computes in.
+    frozen base computes in. ``allocate`` creates gradients and moments up front
+    (:func:`_allocate_state`); not for DeepSpeed, whose engine keeps its own.
     """
     import torch
 
@@ -95,7 +96,8 @@ def build_optimizer(model, tcfg: TrainConfig):
     if not groups:
         raise RuntimeError("no trainable parameters")
     optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    _allocate_state(optimizer)
+    if allocate:
+        _allocate_state(optimizer)
     return optimizer
 
 
@@ -443,7 +445,7 @@ def _save_optimizer(sd: dict, folder: Path) -> None:
     (folder / "optimizer.json").write_text(json.dumps(meta))
 
 
-def _load_optimizer(optimizer, folder: Path) -> None:
+def _load_optimizer(optimizer, folder: Path, groups: list[list]) -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / "optimizer.safetensors"))
@@ -452,16 +454,12 @@ def _load_optimizer(optimizer, folder: Path) -> None:
     for name, t in tensors.items():
         idx, _, key = name.partition(".")
         state.setdefault(int(idx), {})[key] = t
-    # Under FSDP2 each process keeps its shard of the whole moments the file holds.
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for idx, st in state.items():
-        if idx < len(params):
-            state[idx] = {k: dist.local_like(params[idx], v) for k, v in st.items()}
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    dist.load_optimizer_state(optimizer, groups, {"state": state,
+                                                  "param_groups": meta["param_groups"]})
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict,
-                    keep: int, save_model) -> Path:
+                    keep: int, save_model, groups: list[list] | None = None) -> Path:
     """Write ``checkpoint-STEP/`` atomically and prune old ones.
 
     Args:
@@ -473,6 +471,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         state: Loop position and anything else the stage needs to resume (JSON-able).
         keep: Keep this many newest checkpoints.
         save_model: ``callable(model, folder)`` writing the trainable weights.
+        groups: The optimizer's parameter groups as built (default: as it holds them now;
+            under DeepSpeed the engine has replaced them).
 
     Under a launcher every process calls it: the weights and optimizer are the same on
     every process (DDP) or made whole from their shards (FSDP2), each process's random
@@ -486,8 +486,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     final = run_dir / f"checkpoint-{step}"
     states = dist.gather({"torch": torch.get_rng_state(), **(
         {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})})
-    moments = dist.full_state(optimizer.state_dict())
-    with dist.full_params(getattr(model, "net", model)), dist.on_main() as main:
+    groups = groups or [list(g["params"]) for g in optimizer.param_groups]
+    moments = dist.optimizer_state(optimizer, groups)
+    with dist.whole_trainables(getattr(model, "net", model)), dist.on_main() as main:
         if main:
             _write_checkpoint(run_dir, final, step, model, moments, scheduler, state, keep,
                               save_model, states)
@@ -518,7 +519,8 @@ def _write_checkpoint(run_dir, final, step, model, moments, scheduler, state, ke
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, optimizer, scheduler, lr: float | None = None) -> dict:
+def load_checkpoint(folder: Path, optimizer, scheduler, lr: float | None = None,
+                    groups: list[list] | None = None) -> dict:
     """Restore optimizer, scheduler and RNG state; return the saved loop state.
 
     Args:
@@ -528,11 +530,13 @@ def load_checkpoint(folder: Path, optimizer, scheduler, lr: float | None = None)
         lr: The current ``train.lr``. A resumed run uses it, so a run stopped by a NaN can
             continue from its last good checkpoint at a lower rate (torch would restore the
             saved peak rate with the scheduler state).
+        groups: As for :func:`save_checkpoint`.
     """
     import torch
     from safetensors.torch import load_file
 
-    _load_optimizer(optimizer, folder)
+    _load_optimizer(optimizer, folder,
+                    groups or [list(g["params"]) for g in optimizer.param_groups])
     state = json.loads((folder / "trainer_state.json").read_text())
     scheduler.load_state_dict(state["scheduler"])
     if lr is not None and any(base != lr for base in scheduler.base_lrs):
@@ -607,7 +611,8 @@ class TrainingDiverged(UserError):
     """The loss or gradient norm became NaN or infinite; the bad update was not applied."""
 
 
-def check_finite(step: int, loss: float, grad_norm: float | None, run_dir: Path) -> None:
+def check_finite(step: int, loss: float, grad_norm: float | None, run_dir: Path,
+                 applied: bool = False) -> None:
     """Stop before ``optimizer.step()`` when the step's loss or gradient norm is not finite.
 
     Args:
@@ -615,6 +620,8 @@ def check_finite(step: int, loss: float, grad_norm: float | None, run_dir: Path)
         loss: Its loss.
         grad_norm: Its gradient norm before clipping (``None`` when not computed).
         run_dir: Where the last good checkpoint is.
+        applied: The update was already applied (DeepSpeed's engine steps and measures at
+            once); the message says so.
 
     Raises:
         TrainingDiverged: Naming the step and the checkpoint to continue from.
@@ -627,8 +634,9 @@ def check_finite(step: int, loss: float, grad_norm: float | None, run_dir: Path)
             "a lower train.lr (or more train.warmup_steps)." if ckpt is not None else
             "No checkpoint was written before it (train.save_every writes them); rerun with a "
             "lower train.lr (or more train.warmup_steps) and overwrite=true.")
-    raise TrainingDiverged(f"training diverged at step {step}: {what}. The run stopped before "
-                           f"applying that update and wrote no final adapter. {then}")
+    when = "just after applying" if applied else "before applying"
+    raise TrainingDiverged(f"training diverged at step {step}: {what}. The run stopped {when} "
+                           f"that update and wrote no final adapter. {then}")
 
 
 def _py_rng_to_json(st):
@@ -654,6 +662,35 @@ class Start:
     """The checkpoint to resume from (``resume=true``), already checked against the data order."""
 
 
+def _check_scheme(cfg: Config, command: str) -> None:
+    """Refuse what the launcher's scheme cannot run, before anything loads.
+
+    Under ZeRO-3 ``model.fused`` is turned off (said on the console): its kernels keep LoRA
+    and head weights for their backward pass, which ZeRO-3 has partitioned again by then.
+
+    Raises:
+        UserError: A quantized base under a scheme that shards parameters and does not take
+            it (ZeRO-3 with 4-bit is unsupported upstream; 8-bit is not sharded by FSDP2 or
+            ZeRO-3), or PPO under ZeRO-3.
+    """
+    scheme, q = dist.world().scheme, cfg.model.quantization
+    if scheme == "zero3" and q != "none":
+        raise UserError(f"model.quantization: a {q} base cannot run under DeepSpeed ZeRO-3 "
+                        "(ZeRO-3 does not shard bitsandbytes' quantized weights upstream); use "
+                        "the fsdp2 config (QLoRA shards there), zero2 or ddp.")
+    if scheme == "fsdp2" and q == "8bit":
+        raise UserError("model.quantization: an 8bit base is not sharded by FSDP2 here; use 4bit "
+                        "with fsdp2, or the ddp config.")
+    if scheme == "zero3" and command.endswith("ppo"):
+        raise UserError(f"{command} under DeepSpeed ZeRO-3: each process generates its own "
+                        "rollouts, which ZeRO-3's gathered layers cannot serve; use the fsdp2 or "
+                        "zero2 config.")
+    if scheme == "zero3" and cfg.model.fused:
+        cfg.model.fused = False
+        print("model.fused: off under DeepSpeed ZeRO-3 (its kernels read weights ZeRO-3 "
+              "gathers only inside each layer's own forward and backward)", flush=True)
+
+
 def start(cfg: Config, kind: str, command: str, recipe_path: str | None = None) -> Start:
     """Open a stage: check cheap things first, tokenize, check the resume, create the run dir.
 
@@ -676,6 +713,7 @@ def start(cfg: Config, kind: str, command: str, recipe_path: str | None = None) 
 
     run_dir = rundir.prepare_output_dir(cfg)
     check(cfg, kind, command)
+    _check_scheme(cfg, command)
     if cfg.train.trackers:
         from llamatune.trackers import check_installed
 
@@ -720,7 +758,7 @@ class StageRun:
         from llamatune.model import save_trainable
         from llamatune.rundir import write_final
 
-        with dist.full_params(self.loaded.net):  # FSDP2: every process, whole weights
+        with dist.whole_trainables(self.loaded.net):  # sharded: every process gathers
             write_final(self.run_dir, lambda folder: save_trainable(self.loaded, folder))
         print(f"saved {self.saved}, tokenizer and config to {self.run_dir}", flush=True)
 
@@ -772,19 +810,28 @@ class Loop:
         fp32_trainable(loaded.net)
         if begun.resume_from is not None:  # into float32 masters, before DDP copies them
             load_trainable(loaded, begun.resume_from)
-        # Under a launcher: the net wrapped (DDP) before the optimizer sees its weights.
-        self.wrapped = dist.prepare(loaded.net)
-        self.optimizer = build_optimizer(loaded.net, tc)
+        # Under a launcher: the net wrapped (DDP, FSDP2) before the optimizer sees its weights;
+        # DeepSpeed's engine takes net and optimizer together.
+        if dist.world().zero is None:
+            self.wrapped = dist.prepare(loaded.net)
+            self.optimizer = build_optimizer(loaded.net, tc)
+            self.groups = [list(g["params"]) for g in self.optimizer.param_groups]
+        else:
+            self.optimizer = build_optimizer(loaded.net, tc, allocate=False)
+            self.groups = [list(g["params"]) for g in self.optimizer.param_groups]
+            self.wrapped = dist.prepare(loaded.net, self.optimizer, batch_size=tc.batch_size,
+                                        max_grad_norm=tc.max_grad_norm)
         self.scheduler = build_scheduler(self.optimizer, tc, self.total_steps)
         w = dist.world()
-        if w.size > 1:
+        if w.accelerator is not None:  # launched (several processes, or one that shards)
             per = (f"{cfg.ppo.rollout_batch} prompts" if hasattr(stage, "iteration") else
                    f"{tc.batch_size} x {tc.grad_accum} accumulation")
-            print(f"{w.size} processes ({w.scheme}): global batch {per} x {w.size} processes",
-                  flush=True)
+            n = f"{w.size} process{'es' if w.size > 1 else ''}"
+            print(f"{n} ({w.scheme}): global batch {per} x {n}", flush=True)
         resume_step = None
         if begun.resume_from is not None:
-            state = load_checkpoint(begun.resume_from, self.optimizer, self.scheduler, tc.lr)
+            state = load_checkpoint(begun.resume_from, self.optimizer, self.scheduler, tc.lr,
+                                    self.groups)
             self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
             if hasattr(stage, "load_state") and "stage" in state:
                 stage.load_state(state["stage"])
@@ -825,12 +872,20 @@ class Loop:
             The gradient norm before clipping (``None`` when ``train.max_grad_norm`` is 0).
 
         Raises:
-            TrainingDiverged: Before the update, when the loss or norm is not finite.
+            TrainingDiverged: Before the update, when the loss or norm is not finite. Under
+                DeepSpeed the engine computes the norm while it steps, so a non-finite norm
+                stops the run just after that update (the last checkpoint precedes it).
         """
         import torch
 
         tc = self.cfg.train
         grad_norm = None
+        if dist.world().zero is not None:
+            check_finite(self.step + 1, loss, None, self.run_dir)
+            grad_norm = dist.step(self.wrapped, self._params)
+            grad_norm = grad_norm if tc.max_grad_norm > 0 else None
+            check_finite(self.step + 1, loss, grad_norm, self.run_dir, applied=True)
+            return grad_norm
         if tc.max_grad_norm > 0:  # under DDP every process holds the same reduced gradients
             norm = torch.nn.utils.clip_grad_norm_(self._params, tc.max_grad_norm)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -858,7 +913,8 @@ class Loop:
                 loss_sum, figures = stage.loss(b)
                 if not r:  # a dummy part: in step with the other processes, no weight
                     loss_sum, figures = loss_sum * 0, {k: 0.0 for k in figures}
-                (loss_sum * (size / count)).backward()
+                dist.backward(self.wrapped, loss_sum * (size / count),
+                              boundary=i == len(window) - 1)
             step_loss += loss_sum.item()
             for k, v in figures.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -879,7 +935,7 @@ class Loop:
         tc, stage, net = self.cfg.train, self.stage, self.loaded.net
         net.train()
         bar = Progress(self.total_steps, self.step, tc.progress and dist.world().main, stage.name)
-        self._params = [p for p in net.parameters() if p.requires_grad]
+        self._params = [p for g in self.groups for p in g]
         step = getattr(stage, "iteration", None)
         t_log, tokens_log = time.perf_counter(), 0
         while self.step < self.total_steps:
@@ -943,7 +999,7 @@ class Loop:
             self.run_dir, self.step, self.loaded, self.optimizer, self.scheduler,
             {"epoch": self.epoch, "micro": self.micro, "data_order": self.data_order,
              **({"stage": self.stage.state()} if hasattr(self.stage, "state") else {})},
-            self.cfg.train.keep_checkpoints, save_trainable)
+            self.cfg.train.keep_checkpoints, save_trainable, self.groups)
 
 
 def run_stage(recipe) -> int:

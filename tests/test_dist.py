@@ -374,3 +374,182 @@ def test_fsdp_settings_from_the_packaged_config():
     assert dist._fsdp_settings(env) == dist.Fsdp(False, ("LlamaDecoderLayer",))
     assert dist._fsdp_settings({"FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}).layers == ()
     assert dist._fsdp_settings({"FSDP_VERSION": "2"}).layers is None
+
+
+# -- DeepSpeed ------------------------------------------------------------------------------
+
+def _zero3_sharding_everything(tmp_path):
+    """The zero3 config, but with every parameter partitioned (tiny ones too), as a file."""
+    import yaml
+
+    ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+          "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": "auto", "train_batch_size": "auto"}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    acc = yaml.safe_load(dist.launch_config("zero3").read_text())
+    acc["deepspeed_config"] = {"deepspeed_config_file": str(tmp_path / "ds.json"),
+                               "zero3_init_flag": False}
+    acc.pop("mixed_precision", None)  # accelerate refuses it beside a DeepSpeed file
+    path = tmp_path / "zero3_all.yaml"
+    path.write_text(yaml.safe_dump(acc))
+    return str(path)
+
+
+def _zero(tmp_path, name):
+    pytest.importorskip("deepspeed")
+    return _zero3_sharding_everything(tmp_path) if name == "zero3_all" else name
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3_all"])
+def test_deepspeed_two_processes_give_the_loss_rows_and_files_of_one(config, tmp_path,
+                                                                     tiny_model_dir):
+    """ZeRO-2 and ZeRO-3 (every weight partitioned): rows, adapter, checkpoint moments."""
+    config = _zero(tmp_path, config)
+    data = _sft_data(tmp_path)
+    common = dict(model={"dtype": "float32"}, data={"eval_split": 0.1},
+                  train={"max_steps": 6, "grad_accum": 2, "lr": 1e-2, "eval_every": 3,
+                         "save_every": 3, "max_grad_norm": 0.05})  # clipping bites
+    one = make_recipe(tmp_path / "one", tiny_model_dir, data, **common)
+    two = make_recipe(tmp_path / "two", tiny_model_dir, data, **common)
+    _run(tmp_path, 1, ["sft", str(one), "train.batch_size=4"])
+    proc = _run(tmp_path, 1, ["sft", str(two), "--accelerate_config", config,
+                              "--num_processes", "2", "train.batch_size=2"])
+    scheme = "zero2" if config == "zero2" else "zero3"
+    assert f"2 processes ({scheme}): global batch 2 x 2 accumulation x 2 processes" in proc.stdout
+    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
+    assert len([r for r in b if "loss" in r]) == 6
+    assert all(r["grad_norm"] > 0.05 for r in a if "grad_norm" in r), "the norm is clipped"
+    _same_rows(a, b, ["loss", "grad_norm", "eval_loss"])
+    _one_copy_of_everything(tmp_path / "two" / "run")
+    for name in ("adapter_model.safetensors", "checkpoint-3/adapter_model.safetensors",
+                 "checkpoint-3/optimizer.safetensors"):
+        want = _tensors(tmp_path / "one" / "run" / name)
+        got = _tensors(tmp_path / "two" / "run" / name)
+        assert sorted(want) == sorted(got), name
+        for k in want:
+            assert got[k].shape == want[k].shape, (name, k)
+            assert got[k].float().sub(want[k].float()).abs().max() <= 1e-4 * (
+                1 + want[k].float().abs().max()), (name, k)
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3_all"])
+def test_deepspeed_resume_from_a_checkpoint_continues_exactly(config, tmp_path, tiny_model_dir):
+    """A checkpoint's whole moments go back into the engine's shards: the same last steps."""
+    import shutil
+
+    config = _zero(tmp_path, config)
+    data = _sft_data(tmp_path)
+    recipe = make_recipe(tmp_path, tiny_model_dir, data, model={"dtype": "float32"},
+                         data={"eval_split": 0},
+                         train={"max_steps": 6, "batch_size": 2, "save_every": 3, "lr": 1e-2})
+    run = tmp_path / "run"
+    _run(tmp_path, 2, ["sft", str(recipe)], config)
+    want = [r for r in _rows(run) if "loss" in r]
+    # As if it had been stopped after step 4: checkpoint-3 and four rows remain.
+    for f in run.iterdir():
+        if f.name.startswith("adapter_") or f.name.endswith("_head.safetensors"):
+            f.unlink()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in want[:4]))
+    shutil.rmtree(run / "plots", ignore_errors=True)
+    proc = _run(tmp_path, 2, ["sft", str(recipe), "resume=true"], config)
+    assert "resumed from" in proc.stdout and "(step 3)" in proc.stdout
+    got = [r for r in _rows(run) if "loss" in r]
+    assert [r["step"] for r in got] == list(range(1, 7))
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], abs=1e-6)
+    assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in want],
+                                                          abs=1e-6)
+
+
+def test_dpo_under_zero2_gives_the_rows_of_one(tmp_path, tiny_model_dir):
+    """The reference pass (adapter switched off) and pair rows under DeepSpeed."""
+    config = _zero(tmp_path, "zero2")
+    data = write_jsonl(tmp_path / "pref.jsonl", _pairs())
+    sections = _cfg_sections(stage="dpo", model={"dtype": "float32"}, lora={"dropout": 0.0},
+                             train={"max_steps": 4, "lr": 1e-2, "eval_every": 4})
+    one = make_recipe(tmp_path / "one", tiny_model_dir, data, **sections)
+    two = make_recipe(tmp_path / "two", tiny_model_dir, data, **sections)
+    _run(tmp_path, 1, ["dpo", str(one), "train.batch_size=6"])
+    _run(tmp_path, 2, ["dpo", str(two), "train.batch_size=3"], config)
+    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
+    _same_rows(a, b, ["loss", "grad_norm", "eval_loss", "reward_accuracy", "reward_margin",
+                      "eval_reward_margin"])
+    _one_copy_of_everything(tmp_path / "two" / "run")
+
+
+def test_rm_under_zero3_gives_the_rows_of_one(tmp_path, tiny_model_dir):
+    """A score head and the chunked head's weight, gathered by ZeRO-3 with the net."""
+    config = _zero(tmp_path, "zero3_all")
+    data = write_jsonl(tmp_path / "pref.jsonl", _pairs())
+    sections = _cfg_sections(stage="rm", model={"dtype": "float32"}, lora={"dropout": 0.0},
+                             train={"max_steps": 3, "lr": 1e-2, "eval_every": 3})
+    one = make_recipe(tmp_path / "one", tiny_model_dir, data, **sections)
+    two = make_recipe(tmp_path / "two", tiny_model_dir, data, **sections)
+    _run(tmp_path, 1, ["rm", str(one), "train.batch_size=6"])
+    _run(tmp_path, 2, ["rm", str(two), "train.batch_size=3"], config)
+    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
+    _same_rows(a, b, ["loss", "grad_norm", "eval_loss", "accuracy", "eval_accuracy"])
+    want = _tensors(tmp_path / "one" / "run" / "score_head.safetensors")
+    got = _tensors(tmp_path / "two" / "run" / "score_head.safetensors")
+    assert all(got[k].sub(want[k]).abs().max() < 1e-4 for k in want)
+
+
+def test_ppo_under_zero2_runs_and_skipped_parts_close_the_window(tmp_path, tiny_model_dir):
+    from test_ppo import _prompts, _reward_file
+
+    config = _zero(tmp_path, "zero2")
+    reward = f"{_reward_file(tmp_path)}:cat_count"
+    recipe = make_recipe(tmp_path, tiny_model_dir, _prompts(tmp_path), stage="ppo",
+                         model={"dtype": "float32"},
+                         data={"format": "prompts", "template": "chatml", "eval_split": 4},
+                         ppo={"reward_fn": reward, "rollout_batch": 2, "k": 2,
+                              "max_new_tokens": 6, "advantage": "gae", "epochs": 2},
+                         train={"max_steps": 2, "batch_size": 1, "grad_accum": 3,
+                                "eval_every": 2})
+    proc = _run(tmp_path, 2, ["ppo", str(recipe)], config)
+    assert "2 processes (zero2)" in proc.stdout
+    run = tmp_path / "run"
+    assert [r["step"] for r in _rows(run) if "reward_mean" in r] == [1, 2]
+    _one_copy_of_everything(run)
+
+
+@pytest.mark.parametrize("env,words", [
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, "zero_stage 1"),
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+      "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "offload_optimizer_device cpu"),
+])
+def test_deepspeed_settings_llamatune_does_not_run_are_refused(env, words):
+    from llamatune.errors import UserError
+
+    pytest.importorskip("deepspeed")
+    with pytest.raises(UserError, match=words):
+        dist._zero_stage(env)
+
+
+def test_deepspeed_stage_from_a_json_config_file(tmp_path):
+    pytest.importorskip("deepspeed")
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert dist._zero_stage({"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(tmp_path / "ds.json")}) == 3
+
+
+@pytest.mark.parametrize("stage,section,words", [
+    ("sft", {"model": {"quantization": "4bit"}}, "model.quantization: a 4bit base cannot run "
+                                                 "under DeepSpeed ZeRO-3"),
+    ("ppo", {}, "llamatune ppo under DeepSpeed ZeRO-3"),
+])
+def test_what_zero3_cannot_run_is_refused_before_loading(stage, section, words, tmp_path,
+                                                         tiny_model_dir, monkeypatch, capsys):
+    from test_ppo import _prompts, _reward_file
+
+    from llamatune.cli import main as cli
+
+    if stage == "ppo":
+        recipe = make_recipe(tmp_path, tiny_model_dir, _prompts(tmp_path), stage="ppo",
+                             data={"format": "prompts", "template": "chatml"},
+                             ppo={"reward_fn": f"{_reward_file(tmp_path)}:cat_count"})
+    else:
+        recipe = make_recipe(tmp_path, tiny_model_dir, _sft_data(tmp_path), **section)
+    monkeypatch.setattr(dist, "_WORLD", dist.World(zero=3))
+    assert cli([stage, str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -313,7 +313,8 @@ class PPORecipe(training.StageRun):
                 if dist.all_sum([0.0 if ratio <= p.ratio_threshold else 1.0])[0] > 0:
                     skipped += 1
                     continue
-                (loss / tc.grad_accum).backward()
+                dist.backward(loop.wrapped, loss / tc.grad_accum,
+                              boundary=pending + 1 == tc.grad_accum)
                 loss_acc += float(loss.detach())
                 pending += 1
                 done += 1
