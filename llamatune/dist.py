@@ -16,9 +16,9 @@ What the rest of the package asks of it:
   goes through the wrapper, :meth:`llamatune.net.Net.wrap`) or FSDP2 (torch's ``fully_shard``
   on each decoder layer and on the net, in place);
 * :func:`full_params`, :func:`whole_trainables`, :func:`optimizer_state`,
-  :func:`load_optimizer_state` -- under FSDP2 or ZeRO-3, whole weights for what runs outside
-  the net's forward (generation) and whole trainable weights for saving; under FSDP2 or ZeRO,
-  whole optimizer state in checkpoints, in the one-process format;
+  :func:`load_optimizer_state` -- whole weights for generation (FSDP2), whole trainable
+  weights for saving (FSDP2, ZeRO-3), whole optimizer state in checkpoints in the
+  one-process format (FSDP2, ZeRO);
 * :func:`backward`, :func:`step` -- a backward pass and an optimizer step, which DeepSpeed's
   engine takes over under ZeRO.
 
@@ -342,7 +342,10 @@ def _deepspeed(net, optimizer, w: World, batch_size: int, max_grad_norm: float):
     """The DeepSpeed engine over ``net`` and ``optimizer``, every call of the net through it."""
     if optimizer is None:
         raise ValueError("DeepSpeed needs the optimizer at prepare time")
+    from llamatune import fused
+
     _same_trainables(net)
+    fused.cache_casts(False)  # the engine copies updated weights in without a version bump
     config = w.accelerator.state.deepspeed_plugin.deepspeed_config
     config["train_micro_batch_size_per_gpu"] = int(batch_size)
     config["gradient_accumulation_steps"] = 1  # llamatune's loop accumulates (module docstring)
@@ -366,7 +369,10 @@ def _fully_shard(net, fsdp: Fsdp):
     """FSDP2 on ``net``: each decoder layer one unit, the rest (embeddings, head) the root's."""
     from torch.distributed.fsdp import fully_shard
 
+    from llamatune import fused
+
     _same_trainables(net)
+    fused.cache_casts(False)
     names = set(getattr(net.inner, "_no_split_modules", None) or () if fsdp.layers is None
                 else fsdp.layers)
     units = [m for m in net.modules() if type(m).__name__ in names]
@@ -379,7 +385,7 @@ def _fully_shard(net, fsdp: Fsdp):
         fully_shard(m, reshard_after_forward=fsdp.reshard_after_forward)
     fully_shard(net, reshard_after_forward=fsdp.reshard_after_forward)
     # FSDP2 takes the first module to run forward as its root; a rollout calls a decoder
-    # layer before the net ever runs, so fix the net as the root now (torch 2.6 to 2.13).
+    # layer before the net ever runs, so fix the net as the root now (private; torch 2.13).
     net._get_fsdp_state()._lazy_init()
     return net
 
@@ -394,18 +400,13 @@ def _fsdp_modules(module) -> list:
 
 @contextlib.contextmanager
 def full_params(module):
-    """Whole parameters in ``module`` for the body, on every process (FSDP2, ZeRO-3).
+    """Whole parameters in ``module`` for the body, on every process (FSDP2); else nothing.
 
     For what calls only part of the net, outside its forward: generation (each process a
     different number of decoding steps, so no layer may gather again). Every process must
-    enter it together. (Saving needs only :func:`whole_trainables`.)
+    enter it together. (Saving needs only :func:`whole_trainables`; ZeRO-3, the other scheme
+    that shards weights, refuses ppo, the one stage that generates while training.)
     """
-    if world().zero == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            yield
-        return
     mods = _fsdp_modules(module)
     if not mods:
         yield
@@ -637,6 +638,29 @@ def launch_config(name: str) -> Path:
                     f"({', '.join(configs)}; `llamatune ls --accelerate`).")
 
 
+def _check_launch_config(path: Path) -> None:
+    """Refuse a config accelerate's launcher would fail on with a traceback (no DeepSpeed).
+
+    Raises:
+        UserError: The file is not a YAML mapping, or asks for DeepSpeed without it installed.
+    """
+    import importlib.util
+
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"--accelerate_config {path}: not a readable YAML file ({e}).") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--accelerate_config {path}: an accelerate config is a YAML mapping.")
+    if (str(data.get("distributed_type", "")).upper() == "DEEPSPEED"
+            and importlib.util.find_spec("deepspeed") is None):
+        raise UserError(f"--accelerate_config {path}: asks for DeepSpeed, which is not installed; "
+                        "`pip install deepspeed` (or `pip install llamatune[deepspeed]`), or use "
+                        "the ddp or fsdp2 config.")
+
+
 def launch(config: str, num_processes: int | None, argv: list[str]) -> int:
     """Run ``accelerate launch --config_file CONFIG -m llamatune ARGV`` and wait for it.
 
@@ -651,6 +675,7 @@ def launch(config: str, num_processes: int | None, argv: list[str]) -> int:
     import subprocess
 
     path = launch_config(config)
+    _check_launch_config(path)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)]
     if num_processes is not None:
         cmd += ["--num_processes", str(num_processes)]

@@ -98,6 +98,20 @@ def keep_mask(x: torch.Tensor, p: float, seed: int | None = None) -> tuple[torch
 
 _HALF = (torch.bfloat16, torch.float16)
 _CASTS: dict = {}
+_CACHE_CASTS = True
+
+
+def cache_casts(on: bool) -> None:
+    """Switch :func:`_cast`'s cache on or off (off under FSDP2 and DeepSpeed).
+
+    FSDP2 gathers a layer's weights into the same parameter objects each time, and
+    DeepSpeed copies the updated weights back into them, both without bumping the weights'
+    version, so the version no longer says when the values changed: a cached cast would keep
+    the first values.
+    """
+    global _CACHE_CASTS
+    _CACHE_CASTS = bool(on)
+    _CASTS.clear()
 
 
 def _cast(weight, dtype):
@@ -108,6 +122,8 @@ def _cast(weight, dtype):
     """
     if weight.dtype == dtype:
         return weight
+    if not _CACHE_CASTS:
+        return weight.detach().to(dtype)
     key = id(weight)
     hit = _CASTS.get(key)
     if hit is not None and hit[0] is weight and hit[1] == (weight._version, dtype):

@@ -337,20 +337,44 @@ def test_fsdp2_ppo_generates_from_whole_weights(tmp_path, tiny_model_dir):
     assert all(t.dim() >= 1 for t in head.values())
 
 
-def test_qlora_under_fsdp2_gives_the_loss_rows_of_one(tmp_path, tiny_wide_model_dir):
-    """A 4-bit base (stored in the compute dtype) sharded by FSDP2: the rows of one process."""
+@pytest.mark.parametrize("config", ["fsdp2", "zero2"])
+def test_qlora_sharded_gives_the_loss_rows_of_one(config, tmp_path, tiny_wide_model_dir):
+    """A 4-bit base (stored in the compute dtype) under FSDP2 and ZeRO-2: one process's rows."""
     pytest.importorskip("bitsandbytes")
+    config = _zero(tmp_path, config) if config.startswith("zero") else config
     data = _sft_data(tmp_path)
     common = dict(model={"dtype": "float32", "quantization": "4bit"}, data={"eval_split": 0},
                   train={"max_steps": 3, "lr": 1e-2, "group_by_length": False})
     one = make_recipe(tmp_path / "one", tiny_wide_model_dir, data, **common)
     two = make_recipe(tmp_path / "two", tiny_wide_model_dir, data, **common)
     _run(tmp_path, 1, ["sft", str(one), "train.batch_size=4"])
-    _run(tmp_path, 2, ["sft", str(two), "train.batch_size=2"], "fsdp2")
+    _run(tmp_path, 2, ["sft", str(two), "train.batch_size=2"], config)
     a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
     assert len(b) == 3
     _same_rows(a, b, ["loss", "grad_norm"])
     _one_copy_of_everything(tmp_path / "two" / "run")
+
+
+@pytest.mark.parametrize("config", ["fsdp2", "zero2"])
+def test_a_bf16_base_beside_float32_adapters_trains_as_one_process(config, tmp_path,
+                                                                   tiny_model_dir):
+    """The usual GPU job: frozen bf16 weights and float32 LoRA (FSDP2 asks only that the
+    trainable ones in a unit share a dtype). Close to one process (bf16 GEMMs of other
+    shapes), and the adapter saved in float32. (This caught a stale bf16 copy of the LoRA
+    weights under FSDP2: the losses drifted 10% from one process's by the third step.)"""
+    config = _zero(tmp_path, config) if config.startswith("zero") else config
+    data = _sft_data(tmp_path)
+    common = dict(model={"dtype": "bfloat16"}, data={"eval_split": 0},
+                  train={"max_steps": 3, "lr": 1e-2, "group_by_length": False})
+    one = make_recipe(tmp_path / "one", tiny_model_dir, data, **common)
+    two = make_recipe(tmp_path / "two", tiny_model_dir, data, **common)
+    _run(tmp_path, 1, ["sft", str(one), "train.batch_size=4"])
+    proc = _run(tmp_path, 2, ["sft", str(two), "train.batch_size=2"], config)
+    assert "base bfloat16" in proc.stdout and "trainable float32" in proc.stdout
+    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=2e-2)
+    adapter = _tensors(tmp_path / "two" / "run" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {__import__("torch").float32}
 
 
 @pytest.mark.parametrize("env,words", [
@@ -552,4 +576,23 @@ def test_what_zero3_cannot_run_is_refused_before_loading(stage, section, words, 
     assert cli([stage, str(recipe)]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_deepspeed_config_without_deepspeed_is_refused_before_launching(
+        tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import importlib.util
+
+    from llamatune.cli import main as cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    recipe = make_recipe(tmp_path, tiny_model_dir, _sft_data(tmp_path))
+    assert cli(["sft", str(recipe), "--accelerate_config", "zero2"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install deepspeed" in err and "zero2.yaml" in err and "Traceback" not in err
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    assert cli(["sft", str(recipe), "--accelerate_config", str(tmp_path / "bad.yaml")]) == 2
+    assert "a YAML mapping" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
