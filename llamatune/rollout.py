@@ -53,7 +53,8 @@ def sample_next(logits, temperature: float = 1.0, top_p: float = 1.0, greedy: bo
 
 def generate(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int],
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-             greedy: bool = False, batch_size: int | None = None) -> Responses:
+             greedy: bool = False, batch_size: int | None = None,
+             synced: bool = False) -> Responses:
     """Sample (or greedily decode) one response per prompt, with the KV cache.
 
     A plain decoding loop over the model's forward (positions counted over real tokens, the
@@ -70,6 +71,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int],
         top_p: Nucleus sampling (ignored when ``greedy``).
         greedy: Decode greedily.
         batch_size: Prompts per decoding batch (``None``: all at once).
+        synced: Decode until every process's batch is done, so each process runs the same
+            number of forward passes (DeepSpeed ZeRO-3 gathers each layer's weights from all
+            processes inside its forward). Every process must call with as many prompts.
 
     Returns:
         The :class:`Responses`, in the order of ``prompts``. Sampling draws from torch's
@@ -114,7 +118,14 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int],
                     nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
                     out_tokens.append(nxt)
                     done |= torch.isin(nxt, stops)
-                    if bool(done.all()) or len(out_tokens) == max_new_tokens:
+                    if len(out_tokens) == max_new_tokens:
+                        break
+                    if synced:
+                        from llamatune import dist
+
+                        if dist.all_sum([float(not bool(done.all()))])[0] == 0:
+                            break
+                    elif bool(done.all()):
                         break
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                     pos = pos[:, -1:] + 1

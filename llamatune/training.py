@@ -662,7 +662,7 @@ class Start:
     """The checkpoint to resume from (``resume=true``), already checked against the data order."""
 
 
-def _check_scheme(cfg: Config, command: str) -> None:
+def _check_scheme(cfg: Config) -> None:
     """Refuse what the launcher's scheme cannot run, before anything loads.
 
     Under ZeRO-3 ``model.fused`` is turned off (said on the console): its kernels keep LoRA
@@ -671,7 +671,7 @@ def _check_scheme(cfg: Config, command: str) -> None:
     Raises:
         UserError: A quantized base under a scheme that shards parameters and does not take
             it (ZeRO-3 with 4-bit is unsupported upstream; 8-bit is not sharded by FSDP2 or
-            ZeRO-3), or PPO under ZeRO-3.
+            ZeRO-3).
     """
     scheme, q = dist.world().scheme, cfg.model.quantization
     if scheme == "zero3" and q != "none":
@@ -681,10 +681,6 @@ def _check_scheme(cfg: Config, command: str) -> None:
     if scheme == "fsdp2" and q == "8bit":
         raise UserError("model.quantization: an 8bit base is not sharded by FSDP2 here; use 4bit "
                         "with fsdp2, or the ddp config.")
-    if scheme == "zero3" and command.endswith("ppo"):
-        raise UserError(f"{command} under DeepSpeed ZeRO-3: each process generates its own "
-                        "rollouts, which ZeRO-3's gathered layers cannot serve; use the fsdp2 or "
-                        "zero2 config.")
     if scheme == "zero3" and cfg.model.fused:
         cfg.model.fused = False
         print("model.fused: off under DeepSpeed ZeRO-3 (its kernels read weights ZeRO-3 "
@@ -713,7 +709,7 @@ def start(cfg: Config, kind: str, command: str, recipe_path: str | None = None) 
 
     run_dir = rundir.prepare_output_dir(cfg)
     check(cfg, kind, command)
-    _check_scheme(cfg, command)
+    _check_scheme(cfg)
     if cfg.train.trackers:
         from llamatune.trackers import check_installed
 

@@ -517,10 +517,13 @@ def test_rm_under_zero3_gives_the_rows_of_one(tmp_path, tiny_model_dir):
     assert all(got[k].sub(want[k]).abs().max() < 1e-4 for k in want)
 
 
-def test_ppo_under_zero2_runs_and_skipped_parts_close_the_window(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("config", ["zero2", "zero3_all"])
+def test_ppo_under_deepspeed(config, tmp_path, tiny_model_dir):
+    """GAE with a value head, two PPO epochs, accumulation windows cut by the rollout's end;
+    under ZeRO-3 every process decodes in step (its layers gather inside their forward)."""
     from test_ppo import _prompts, _reward_file
 
-    config = _zero(tmp_path, "zero2")
+    config = _zero(tmp_path, config)
     reward = f"{_reward_file(tmp_path)}:cat_count"
     recipe = make_recipe(tmp_path, tiny_model_dir, _prompts(tmp_path), stage="ppo",
                          model={"dtype": "float32"},
@@ -530,10 +533,12 @@ def test_ppo_under_zero2_runs_and_skipped_parts_close_the_window(tmp_path, tiny_
                          train={"max_steps": 2, "batch_size": 1, "grad_accum": 3,
                                 "eval_every": 2})
     proc = _run(tmp_path, 2, ["ppo", str(recipe)], config)
-    assert "2 processes (zero2)" in proc.stdout
+    assert f"2 processes (zero{3 if config != 'zero2' else 2})" in proc.stdout
     run = tmp_path / "run"
     assert [r["step"] for r in _rows(run) if "reward_mean" in r] == [1, 2]
+    assert [r["step"] for r in _rows(run) if "eval_reward" in r] == [0, 2]
     _one_copy_of_everything(run)
+    assert (run / "value_head.safetensors").is_file()
 
 
 @pytest.mark.parametrize("env,words", [
@@ -555,25 +560,19 @@ def test_deepspeed_stage_from_a_json_config_file(tmp_path):
     assert dist._zero_stage({"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(tmp_path / "ds.json")}) == 3
 
 
-@pytest.mark.parametrize("stage,section,words", [
-    ("sft", {"model": {"quantization": "4bit"}}, "model.quantization: a 4bit base cannot run "
-                                                 "under DeepSpeed ZeRO-3"),
-    ("ppo", {}, "llamatune ppo under DeepSpeed ZeRO-3"),
+@pytest.mark.parametrize("scheme,quant,words", [
+    ("zero3", "4bit", "model.quantization: a 4bit base cannot run under DeepSpeed ZeRO-3"),
+    ("fsdp2", "8bit", "model.quantization: an 8bit base is not sharded by FSDP2"),
 ])
-def test_what_zero3_cannot_run_is_refused_before_loading(stage, section, words, tmp_path,
-                                                         tiny_model_dir, monkeypatch, capsys):
-    from test_ppo import _prompts, _reward_file
-
+def test_a_quantized_base_a_scheme_cannot_shard_is_refused_before_loading(
+        scheme, quant, words, tmp_path, tiny_model_dir, monkeypatch, capsys):
     from llamatune.cli import main as cli
 
-    if stage == "ppo":
-        recipe = make_recipe(tmp_path, tiny_model_dir, _prompts(tmp_path), stage="ppo",
-                             data={"format": "prompts", "template": "chatml"},
-                             ppo={"reward_fn": f"{_reward_file(tmp_path)}:cat_count"})
-    else:
-        recipe = make_recipe(tmp_path, tiny_model_dir, _sft_data(tmp_path), **section)
-    monkeypatch.setattr(dist, "_WORLD", dist.World(zero=3))
-    assert cli([stage, str(recipe)]) == 2
+    recipe = make_recipe(tmp_path, tiny_model_dir, _sft_data(tmp_path),
+                         model={"quantization": quant})
+    world = dist.World(zero=3) if scheme == "zero3" else dist.World(fsdp=dist.Fsdp())
+    monkeypatch.setattr(dist, "_WORLD", world)
+    assert cli(["sft", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()

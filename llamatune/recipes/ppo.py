@@ -179,10 +179,11 @@ class PPORecipe(training.StageRun):
 
         p = self.cfg.ppo
         prompts = [s["input_ids"] for s in rows]
-        with dist.full_params(self.net):  # FSDP2: each process decodes its own steps
+        # FSDP2: whole weights, each process decodes its own steps; ZeRO-3: in step.
+        with dist.full_params(self.net):
             resp = generate(self.net.model, self.tokenizer, prompts, stop_ids=self.stop_ids,
                             max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                            top_p=p.top_p)
+                            top_p=p.top_p, synced=dist.world().zero == 3)
         batch = response_batch(prompts, resp.ids, self.pad_id)
         return {"batch": batch, "mask": batch["labels"][:, 1:] != -100, "text": resp.text,
                 "ids": resp.ids, "ended": resp.ended, "rows": rows}
@@ -367,7 +368,8 @@ class PPORecipe(training.StageRun):
             resp = generate(self.net.model, self.tokenizer,
                             [s["input_ids"] for s in self.eval_samples], stop_ids=self.stop_ids,
                             max_new_tokens=p.max_new_tokens, greedy=True,
-                            batch_size=max(self.cfg.train.batch_size, 8))
+                            batch_size=max(self.cfg.train.batch_size, 8),
+                            synced=dist.world().zero == 3)
         scores = self._rewards({"rows": self.eval_samples, "text": resp.text})
         n = max(len(scores), 1)
         out = {"eval_reward": sum(scores) / n}
