@@ -170,23 +170,25 @@ def _zero_stage(env) -> int:
         raise UserError(f"{where}: DeepSpeed is not installed; `pip install deepspeed` (or use the "
                         "ddp or fsdp2 config: `llamatune ls --accelerate`).")
     stage = str(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")).strip()
+    offload = {k: env.get(f"ACCELERATE_DEEPSPEED_{k.upper()}_DEVICE", "none")
+               for k in ("offload_optimizer", "offload_param")}
     config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
-    if not stage and config_file and os.path.isfile(config_file):
+    if config_file and os.path.isfile(config_file):
         import json
 
         try:
-            stage = str(json.loads(Path(config_file).read_text()).get(
-                "zero_optimization", {}).get("stage", ""))
-        except (OSError, ValueError) as e:
+            zero = json.loads(Path(config_file).read_text()).get("zero_optimization", {})
+        except (OSError, ValueError, AttributeError) as e:
             raise UserError(f"{config_file}: not a DeepSpeed JSON config ({e}).") from None
+        where = config_file
+        stage = stage or str(zero.get("stage", ""))
+        offload = {k: (zero.get(k) or {}).get("device", "none") for k in offload}
     if stage not in ("2", "3"):
         raise UserError(f"{where}: zero_stage {stage or '(none)'}; llamatune runs ZeRO stages 2 "
                         "and 3 (the zero2 and zero3 configs); for plain data parallelism use ddp.")
-    for key in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
-                "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
-        if str(env.get(key, "none")).strip().lower() not in ("none", ""):
-            name = key.removeprefix("ACCELERATE_DEEPSPEED_").lower()
-            raise UserError(f"{where}: {name} {env[key]} is not supported; set it to none.")
+    for name, device in offload.items():
+        if str(device).strip().lower() not in ("none", ""):
+            raise UserError(f"{where}: {name}_device {device} is not supported; set it to none.")
     return int(stage)
 
 

@@ -84,6 +84,38 @@ def _one_copy_of_everything(run):
     assert (run / "adapter_model.safetensors").is_file()
 
 
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _zero3_sharding_everything(tmp_path):
+    """The zero3 config, but with every parameter partitioned (tiny ones too), as a file."""
+    import yaml
+
+    ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+          "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": "auto", "train_batch_size": "auto"}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    acc = yaml.safe_load(dist.launch_config("zero3").read_text())
+    acc["deepspeed_config"] = {"deepspeed_config_file": str(tmp_path / "ds.json"),
+                               "zero3_init_flag": False}
+    acc.pop("mixed_precision", None)  # accelerate refuses it beside a DeepSpeed file
+    path = tmp_path / "zero3_all.yaml"
+    path.write_text(yaml.safe_dump(acc))
+    return str(path)
+
+
+def _config(tmp_path, name):
+    """A packaged config by name; ``zero3_all``: ZeRO-3 partitioning every weight (a file)."""
+    if name is not None and name.startswith("zero"):
+        pytest.importorskip("deepspeed")
+        if name == "zero3_all":
+            return _zero3_sharding_everything(tmp_path)
+    return name
+
+
 def test_shard_splits_a_global_batch_as_one_process_sees_it():
     items = list(range(7))
     parts = [dist.shard(items, r, 2) for r in range(2)]
@@ -133,17 +165,22 @@ def test_sft_two_processes_give_the_loss_rows_of_one(batch, accum, tmp_path, tin
     _one_copy_of_everything(tmp_path / "two" / "run")
 
 
-@pytest.mark.parametrize("stage", ["rm", "dpo"])
-def test_preference_stages_two_processes_give_the_loss_rows_of_one(stage, tmp_path,
+@pytest.mark.parametrize("stage,config", [("rm", "ddp"), ("dpo", "ddp"), ("rm", "fsdp2"),
+                                          ("dpo", "zero2"), ("rm", "zero3_all")])
+def test_preference_stages_two_processes_give_the_loss_rows_of_one(stage, config, tmp_path,
                                                                    tiny_model_dir):
+    """Pair rows, DPO's reference pass (adapter off) and a score head in the root unit
+    (FSDP2) or gathered by ZeRO-3."""
+    if config.startswith("zero"):
+        config = _config(tmp_path, config)
     data = write_jsonl(tmp_path / "pref.jsonl", _pairs())
     sections = _cfg_sections(stage=stage, model={"dtype": "float32"}, lora={"dropout": 0.0},
                              train={"max_steps": 5, "lr": 1e-2, "eval_every": 5})
     one = make_recipe(tmp_path / "one", tiny_model_dir, data, **sections)
     two = make_recipe(tmp_path / "two", tiny_model_dir, data, **sections)
     _run(tmp_path, 1, [stage, str(one), "train.batch_size=6"])
-    # Through llamatune's own launcher: the packaged DDP config.
-    _run(tmp_path, 1, [stage, str(two), "--accelerate_config", "ddp", "--num_processes", "2",
+    # Through llamatune's own launcher (a packaged config, or a file).
+    _run(tmp_path, 1, [stage, str(two), "--accelerate_config", config, "--num_processes", "2",
                        "train.batch_size=3"])  # overrides may follow the options
     a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
     assert len([r for r in b if "loss" in r]) == 5
@@ -152,7 +189,9 @@ def test_preference_stages_two_processes_give_the_loss_rows_of_one(stage, tmp_pa
     _same_rows(a, b, ["loss", "grad_norm", "eval_loss", *keys])
     _one_copy_of_everything(tmp_path / "two" / "run")
     if stage == "rm":
-        assert (tmp_path / "two" / "run" / "score_head.safetensors").is_file()
+        want = _tensors(tmp_path / "one" / "run" / "score_head.safetensors")
+        got = _tensors(tmp_path / "two" / "run" / "score_head.safetensors")
+        assert all(got[k].sub(want[k]).abs().max() < 1e-4 for k in want)
 
 
 def test_ppo_runs_under_two_processes(tmp_path, tiny_model_dir):
@@ -249,99 +288,13 @@ def test_each_launched_process_takes_its_own_gpu(monkeypatch):
     assert resolve_device("cuda:0") == "cuda:0"  # an explicit GPU is kept
 
 
-def test_qlora_under_two_processes_gives_the_loss_rows_of_one(tmp_path, tiny_wide_model_dir):
-    """A 4-bit (nf4) base under DDP: bitsandbytes' CPU kernels, the same rows as one process."""
+@pytest.mark.parametrize("config", [None, "fsdp2", "zero2"])
+def test_qlora_under_two_processes_gives_the_loss_rows_of_one(config, tmp_path,
+                                                              tiny_wide_model_dir):
+    """A 4-bit (nf4) base, stored in the compute dtype, under DDP, FSDP2 and ZeRO-2:
+    bitsandbytes' CPU kernels, the same rows as one process."""
     pytest.importorskip("bitsandbytes")
-    data = _sft_data(tmp_path)
-    common = dict(model={"dtype": "float32", "quantization": "4bit"}, data={"eval_split": 0},
-                  train={"max_steps": 3, "lr": 1e-2, "group_by_length": False})
-    one = make_recipe(tmp_path / "one", tiny_wide_model_dir, data, **common)
-    two = make_recipe(tmp_path / "two", tiny_wide_model_dir, data, **common)
-    _run(tmp_path, 1, ["sft", str(one), "train.batch_size=4"])
-    _run(tmp_path, 2, ["sft", str(two), "train.batch_size=2"])
-    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
-    assert len(b) == 3
-    _same_rows(a, b, ["loss", "grad_norm"])
-    _one_copy_of_everything(tmp_path / "two" / "run")
-
-
-def _tensors(path):
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def test_fsdp2_two_processes_give_the_loss_rows_and_adapter_of_one(tmp_path, tiny_model_dir):
-    """The packaged fsdp2 config: sharded layers, accumulation without syncing, whole files."""
-    data = _sft_data(tmp_path)
-    common = dict(model={"dtype": "float32"}, data={"eval_split": 0.1},
-                  train={"max_steps": 6, "grad_accum": 2, "lr": 1e-2, "eval_every": 3,
-                         "save_every": 3})
-    one = make_recipe(tmp_path / "one", tiny_model_dir, data, **common)
-    two = make_recipe(tmp_path / "two", tiny_model_dir, data, **common)
-    _run(tmp_path, 1, ["sft", str(one), "train.batch_size=4"])
-    proc = _run(tmp_path, 1, ["sft", str(two), "--accelerate_config", "fsdp2",
-                              "--num_processes", "2", "train.batch_size=2"])
-    assert "2 processes (fsdp2): global batch 2 x 2 accumulation x 2 processes" in proc.stdout
-    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
-    assert len([r for r in b if "loss" in r]) == 6
-    _same_rows(a, b, ["loss", "grad_norm", "eval_loss"])
-    _one_copy_of_everything(tmp_path / "two" / "run")
-    # The saved adapter and checkpoint are whole tensors, the ones one process trains.
-    for name in ("adapter_model.safetensors", "checkpoint-3/adapter_model.safetensors",
-                 "checkpoint-3/optimizer.safetensors"):
-        want, got = _tensors(tmp_path / "one" / "run" / name), _tensors(tmp_path / "two" / "run" / name)
-        assert sorted(want) == sorted(got)
-        for k in want:
-            assert got[k].shape == want[k].shape, (name, k)
-            assert got[k].float().sub(want[k].float()).abs().max() <= 1e-4 * (
-                1 + want[k].float().abs().max()), (name, k)
-
-
-def test_fsdp2_reward_model_two_processes_give_the_rows_of_one(tmp_path, tiny_model_dir):
-    """A score head (in the root unit) and pair batches under FSDP2."""
-    data = write_jsonl(tmp_path / "pref.jsonl", _pairs())
-    sections = _cfg_sections(stage="rm", model={"dtype": "float32"}, lora={"dropout": 0.0},
-                             train={"max_steps": 4, "lr": 1e-2, "eval_every": 4})
-    one = make_recipe(tmp_path / "one", tiny_model_dir, data, **sections)
-    two = make_recipe(tmp_path / "two", tiny_model_dir, data, **sections)
-    _run(tmp_path, 1, ["rm", str(one), "train.batch_size=6"])
-    _run(tmp_path, 2, ["rm", str(two), "train.batch_size=3"], "fsdp2")
-    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
-    _same_rows(a, b, ["loss", "grad_norm", "eval_loss", "accuracy", "eval_accuracy"])
-    _one_copy_of_everything(tmp_path / "two" / "run")
-    want = _tensors(tmp_path / "one" / "run" / "score_head.safetensors")
-    got = _tensors(tmp_path / "two" / "run" / "score_head.safetensors")
-    assert all(got[k].shape == want[k].shape for k in want)
-
-
-def test_fsdp2_ppo_generates_from_whole_weights(tmp_path, tiny_model_dir):
-    """Rollouts of different lengths per process, a value head, checkpoints: under FSDP2."""
-    from test_ppo import _prompts, _reward_file
-
-    reward = f"{_reward_file(tmp_path)}:cat_count"
-    recipe = make_recipe(tmp_path, tiny_model_dir, _prompts(tmp_path), stage="ppo",
-                         model={"dtype": "float32"},
-                         data={"format": "prompts", "template": "chatml", "eval_split": 4},
-                         ppo={"reward_fn": reward, "rollout_batch": 2, "k": 2,
-                              "max_new_tokens": 6, "advantage": "gae"},
-                         train={"max_steps": 2, "batch_size": 2, "eval_every": 2,
-                                "save_every": 1})
-    proc = _run(tmp_path, 2, ["ppo", str(recipe)], "fsdp2")
-    assert "2 processes (fsdp2)" in proc.stdout
-    run = tmp_path / "run"
-    assert [r["step"] for r in _rows(run) if "reward_mean" in r] == [1, 2]
-    assert [r["step"] for r in _rows(run) if "eval_reward" in r] == [0, 2]
-    _one_copy_of_everything(run)
-    head = _tensors(run / "value_head.safetensors")
-    assert all(t.dim() >= 1 for t in head.values())
-
-
-@pytest.mark.parametrize("config", ["fsdp2", "zero2"])
-def test_qlora_sharded_gives_the_loss_rows_of_one(config, tmp_path, tiny_wide_model_dir):
-    """A 4-bit base (stored in the compute dtype) under FSDP2 and ZeRO-2: one process's rows."""
-    pytest.importorskip("bitsandbytes")
-    config = _zero(tmp_path, config) if config.startswith("zero") else config
+    config = _config(tmp_path, config)
     data = _sft_data(tmp_path)
     common = dict(model={"dtype": "float32", "quantization": "4bit"}, data={"eval_split": 0},
                   train={"max_steps": 3, "lr": 1e-2, "group_by_length": False})
@@ -362,7 +315,7 @@ def test_a_bf16_base_beside_float32_adapters_trains_as_one_process(config, tmp_p
     trainable ones in a unit share a dtype). Close to one process (bf16 GEMMs of other
     shapes), and the adapter saved in float32. (This caught a stale bf16 copy of the LoRA
     weights under FSDP2: the losses drifted 10% from one process's by the third step.)"""
-    config = _zero(tmp_path, config) if config.startswith("zero") else config
+    config = _config(tmp_path, config)
     data = _sft_data(tmp_path)
     common = dict(model={"dtype": "bfloat16"}, data={"eval_split": 0},
                   train={"max_steps": 3, "lr": 1e-2, "group_by_length": False})
@@ -400,35 +353,12 @@ def test_fsdp_settings_from_the_packaged_config():
     assert dist._fsdp_settings({"FSDP_VERSION": "2"}).layers is None
 
 
-# -- DeepSpeed ------------------------------------------------------------------------------
-
-def _zero3_sharding_everything(tmp_path):
-    """The zero3 config, but with every parameter partitioned (tiny ones too), as a file."""
-    import yaml
-
-    ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-          "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-          "gradient_clipping": "auto", "train_batch_size": "auto"}
-    (tmp_path / "ds.json").write_text(json.dumps(ds))
-    acc = yaml.safe_load(dist.launch_config("zero3").read_text())
-    acc["deepspeed_config"] = {"deepspeed_config_file": str(tmp_path / "ds.json"),
-                               "zero3_init_flag": False}
-    acc.pop("mixed_precision", None)  # accelerate refuses it beside a DeepSpeed file
-    path = tmp_path / "zero3_all.yaml"
-    path.write_text(yaml.safe_dump(acc))
-    return str(path)
-
-
-def _zero(tmp_path, name):
-    pytest.importorskip("deepspeed")
-    return _zero3_sharding_everything(tmp_path) if name == "zero3_all" else name
-
-
-@pytest.mark.parametrize("config", ["zero2", "zero3_all"])
-def test_deepspeed_two_processes_give_the_loss_rows_and_files_of_one(config, tmp_path,
-                                                                     tiny_model_dir):
-    """ZeRO-2 and ZeRO-3 (every weight partitioned): rows, adapter, checkpoint moments."""
-    config = _zero(tmp_path, config)
+@pytest.mark.parametrize("config", ["fsdp2", "zero2", "zero3_all"])
+def test_sharded_two_processes_give_the_loss_rows_and_files_of_one(config, tmp_path,
+                                                                   tiny_model_dir):
+    """FSDP2, ZeRO-2 and ZeRO-3 (every weight partitioned): accumulation, clipping, eval;
+    the same rows, and the same whole adapter and checkpoint moments, as one process."""
+    config = _config(tmp_path, config)
     data = _sft_data(tmp_path)
     common = dict(model={"dtype": "float32"}, data={"eval_split": 0.1},
                   train={"max_steps": 6, "grad_accum": 2, "lr": 1e-2, "eval_every": 3,
@@ -438,7 +368,7 @@ def test_deepspeed_two_processes_give_the_loss_rows_and_files_of_one(config, tmp
     _run(tmp_path, 1, ["sft", str(one), "train.batch_size=4"])
     proc = _run(tmp_path, 1, ["sft", str(two), "--accelerate_config", config,
                               "--num_processes", "2", "train.batch_size=2"])
-    scheme = "zero2" if config == "zero2" else "zero3"
+    scheme = "zero3" if config.endswith(".yaml") else config
     assert f"2 processes ({scheme}): global batch 2 x 2 accumulation x 2 processes" in proc.stdout
     a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
     assert len([r for r in b if "loss" in r]) == 6
@@ -461,7 +391,7 @@ def test_deepspeed_resume_from_a_checkpoint_continues_exactly(config, tmp_path, 
     """A checkpoint's whole moments go back into the engine's shards: the same last steps."""
     import shutil
 
-    config = _zero(tmp_path, config)
+    config = _config(tmp_path, config)
     data = _sft_data(tmp_path)
     recipe = make_recipe(tmp_path, tiny_model_dir, data, model={"dtype": "float32"},
                          data={"eval_split": 0},
@@ -484,46 +414,14 @@ def test_deepspeed_resume_from_a_checkpoint_continues_exactly(config, tmp_path, 
                                                           abs=1e-6)
 
 
-def test_dpo_under_zero2_gives_the_rows_of_one(tmp_path, tiny_model_dir):
-    """The reference pass (adapter switched off) and pair rows under DeepSpeed."""
-    config = _zero(tmp_path, "zero2")
-    data = write_jsonl(tmp_path / "pref.jsonl", _pairs())
-    sections = _cfg_sections(stage="dpo", model={"dtype": "float32"}, lora={"dropout": 0.0},
-                             train={"max_steps": 4, "lr": 1e-2, "eval_every": 4})
-    one = make_recipe(tmp_path / "one", tiny_model_dir, data, **sections)
-    two = make_recipe(tmp_path / "two", tiny_model_dir, data, **sections)
-    _run(tmp_path, 1, ["dpo", str(one), "train.batch_size=6"])
-    _run(tmp_path, 2, ["dpo", str(two), "train.batch_size=3"], config)
-    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
-    _same_rows(a, b, ["loss", "grad_norm", "eval_loss", "reward_accuracy", "reward_margin",
-                      "eval_reward_margin"])
-    _one_copy_of_everything(tmp_path / "two" / "run")
-
-
-def test_rm_under_zero3_gives_the_rows_of_one(tmp_path, tiny_model_dir):
-    """A score head and the chunked head's weight, gathered by ZeRO-3 with the net."""
-    config = _zero(tmp_path, "zero3_all")
-    data = write_jsonl(tmp_path / "pref.jsonl", _pairs())
-    sections = _cfg_sections(stage="rm", model={"dtype": "float32"}, lora={"dropout": 0.0},
-                             train={"max_steps": 3, "lr": 1e-2, "eval_every": 3})
-    one = make_recipe(tmp_path / "one", tiny_model_dir, data, **sections)
-    two = make_recipe(tmp_path / "two", tiny_model_dir, data, **sections)
-    _run(tmp_path, 1, ["rm", str(one), "train.batch_size=6"])
-    _run(tmp_path, 2, ["rm", str(two), "train.batch_size=3"], config)
-    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
-    _same_rows(a, b, ["loss", "grad_norm", "eval_loss", "accuracy", "eval_accuracy"])
-    want = _tensors(tmp_path / "one" / "run" / "score_head.safetensors")
-    got = _tensors(tmp_path / "two" / "run" / "score_head.safetensors")
-    assert all(got[k].sub(want[k]).abs().max() < 1e-4 for k in want)
-
-
-@pytest.mark.parametrize("config", ["zero2", "zero3_all"])
-def test_ppo_under_deepspeed(config, tmp_path, tiny_model_dir):
-    """GAE with a value head, two PPO epochs, accumulation windows cut by the rollout's end;
-    under ZeRO-3 every process decodes in step (its layers gather inside their forward)."""
+@pytest.mark.parametrize("config", ["fsdp2", "zero2", "zero3_all"])
+def test_ppo_under_sharded_schemes(config, tmp_path, tiny_model_dir):
+    """GAE with a value head, two PPO epochs, accumulation windows cut by the rollout's end,
+    a checkpoint; rollouts of different lengths per process: FSDP2 decodes from whole
+    weights, ZeRO-3 in step on every process (its layers gather inside their forward)."""
     from test_ppo import _prompts, _reward_file
 
-    config = _zero(tmp_path, config)
+    config = _config(tmp_path, config)
     reward = f"{_reward_file(tmp_path)}:cat_count"
     recipe = make_recipe(tmp_path, tiny_model_dir, _prompts(tmp_path), stage="ppo",
                          model={"dtype": "float32"},
@@ -531,9 +429,10 @@ def test_ppo_under_deepspeed(config, tmp_path, tiny_model_dir):
                          ppo={"reward_fn": reward, "rollout_batch": 2, "k": 2,
                               "max_new_tokens": 6, "advantage": "gae", "epochs": 2},
                          train={"max_steps": 2, "batch_size": 1, "grad_accum": 3,
-                                "eval_every": 2})
+                                "eval_every": 2, "save_every": 1})
     proc = _run(tmp_path, 2, ["ppo", str(recipe)], config)
-    assert f"2 processes (zero{3 if config != 'zero2' else 2})" in proc.stdout
+    scheme = "zero3" if config.endswith(".yaml") else config
+    assert f"2 processes ({scheme})" in proc.stdout
     run = tmp_path / "run"
     assert [r["step"] for r in _rows(run) if "reward_mean" in r] == [1, 2]
     assert [r["step"] for r in _rows(run) if "eval_reward" in r] == [0, 2]
@@ -555,9 +454,16 @@ def test_deepspeed_settings_llamatune_does_not_run_are_refused(env, words):
 
 
 def test_deepspeed_stage_from_a_json_config_file(tmp_path):
+    from llamatune.errors import UserError
+
     pytest.importorskip("deepspeed")
-    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    assert dist._zero_stage({"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(tmp_path / "ds.json")}) == 3
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert dist._zero_stage({"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)}) == 3
+    path.write_text(json.dumps({"zero_optimization": {
+        "stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    with pytest.raises(UserError, match=f"{path}: offload_optimizer_device cpu"):
+        dist._zero_stage({"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)})
 
 
 @pytest.mark.parametrize("scheme,quant,words", [
