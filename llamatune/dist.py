@@ -360,7 +360,29 @@ def _deepspeed(net, optimizer, w: World, batch_size: int, max_grad_norm: float):
     net.wrap(engine)
     global _ENGINE
     _ENGINE = engine
+    _adam_state_now(optimizer, engine.optimizer)
     return engine
+
+
+def _adam_state_now(optimizer, zero_optimizer) -> None:
+    """Create AdamW's state for the engine's flat partitions now, as torch would (zeros).
+
+    torch creates it at the first step, group by group; ZeRO-2 maps each parameter onto its
+    moments right after the first group's step, so a second group (biases and norms, without
+    weight decay) would be mapped before its moments exist and stay unreadable for
+    checkpoints. ZeRO-3 hands its partitions to the optimizer only while it steps, so they are
+    asked of it; ZeRO-2's stay in the parameter groups.
+    """
+    import torch
+
+    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or [
+        p for g in optimizer.param_groups for p in g["params"]]
+    for flat in flats:
+        st = optimizer.state[flat]
+        if not st:  # as torch.optim.AdamW makes it (not fused, not capturable)
+            st["step"] = torch.tensor(0.0)
+            for k in _ADAM_MOMENTS:
+                st[k] = torch.zeros_like(flat, memory_format=torch.preserve_format)
 
 
 _ENGINE = None
@@ -527,35 +549,43 @@ def load_optimizer_state(optimizer, groups: list[list], sd: dict) -> None:
                  for idx, st in sd["state"].items()}
         optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
         return
-    import torch
     from deepspeed.utils import safe_set_full_optimizer_state
 
-    # torch creates AdamW's state at the first step; the engine's flat partitions need it now.
-    # ZeRO-3 hands its partitions to the optimizer only while it steps, so they are asked of
-    # it; ZeRO-2's stay in the parameter groups.
     zero_optimizer = getattr(_ENGINE, "optimizer", None)
-    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or [
-        p for g in optimizer.param_groups for p in g["params"]]
-    for flat in flats:
-        st = optimizer.state[flat]
-        if not st:
-            st["step"] = torch.tensor(0.0)
-            for k in _ADAM_MOMENTS:
-                st[k] = torch.zeros_like(flat, memory_format=torch.preserve_format)
     if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):
-        # ZeRO-2 points each parameter at its slice of the moments once they exist (at its
-        # first step); they exist now.
+        # ZeRO-2 points each parameter at its slice of the moments at its first step; they
+        # exist already (:func:`_adam_state_now`), and are written into now.
         zero_optimizer._lazy_init_hp_params_optimizer_state()
     step = None
     for idx, st in sd["state"].items():
         for k in _ADAM_MOMENTS:
-            safe_set_full_optimizer_state(params[idx], st[k].to(params[idx].device), k)
+            value = st[k].to(params[idx].device)
+            if hasattr(params[idx], "ds_id"):
+                _z3_set_moment(params[idx], value, k)
+            else:
+                safe_set_full_optimizer_state(params[idx], value, k)
         step = st["step"]
     for st in optimizer.state.values():
         if step is not None:
             st["step"] = step.clone()
     for group, saved in zip(optimizer.param_groups, sd["param_groups"]):
         group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def _z3_set_moment(param, value, key: str) -> None:
+    """This process's part of a ZeRO-3 parameter's moment ``key``, from its whole ``value``.
+
+    DeepSpeed's ``safe_set_full_optimizer_state`` fails on a parameter whose size the
+    processes do not divide (the last part is padded: a 1-element bias, for one); this copies
+    the part and leaves the padding zero. (DeepSpeed 0.19's stage-3 internals.)
+    """
+    zero = param._z3_optimizer
+    part, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False,
+                                                 optim_state_key=key)
+    lo = part.numel() * zero._get_param_partition_rank(param)
+    piece = value.flatten()[lo : lo + part.numel()]
+    part.data.zero_()
+    part.data[: piece.numel()].copy_(piece)
 
 
 _OPEN_WINDOW = False
