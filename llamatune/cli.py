@@ -23,6 +23,8 @@ _TRAIN_STAGES = {
     "dpo": ("llamatune.recipes.dpo", "DPO on preference pairs (the offline alternative to RM+PPO)"),
     "ppo": ("llamatune.recipes.ppo", "PPO (or RLOO/GRPO) against a reward model or a reward rule"),
 }
+
+
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (a path, or a shipped name from `llamatune ls`)")
     p.add_argument("overrides", nargs="*", metavar="key=value",

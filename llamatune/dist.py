@@ -83,6 +83,8 @@ class World:
     """FSDP2's settings when the launcher's config asks for FSDP, else ``None``."""
     zero: int | None = None
     """The DeepSpeed ZeRO stage (2 or 3) when the launcher's config asks for DeepSpeed."""
+    engine: object = None
+    """The DeepSpeed engine :func:`prepare` made (its ZeRO optimizer holds the shards)."""
 
     @property
     def main(self) -> bool:
@@ -358,8 +360,7 @@ def _deepspeed(net, optimizer, w: World, batch_size: int, max_grad_norm: float):
     net.head_by_call = w.zero == 3
     engine, _ = w.accelerator.prepare(net, optimizer)
     net.wrap(engine)
-    global _ENGINE
-    _ENGINE = engine
+    w.engine = engine
     _adam_state_now(optimizer, engine.optimizer)
     return engine
 
@@ -383,10 +384,6 @@ def _adam_state_now(optimizer, zero_optimizer) -> None:
             st["step"] = torch.tensor(0.0)
             for k in _ADAM_MOMENTS:
                 st[k] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-
-
-_ENGINE = None
-"""The DeepSpeed engine :func:`prepare` made (its ZeRO optimizer holds the shards)."""
 
 
 def _fully_shard(net, fsdp: Fsdp):
@@ -415,10 +412,8 @@ def _fully_shard(net, fsdp: Fsdp):
 
 
 def _fsdp_modules(module) -> list:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2: nothing can be sharded
-        return []
+    from torch.distributed.fsdp import FSDPModule
+
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
@@ -435,7 +430,7 @@ def full_params(module):
     if not mods:
         yield
         return
-    after = (world().fsdp or Fsdp()).reshard_after_forward
+    after = world().fsdp.reshard_after_forward
     for m in mods:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
@@ -532,8 +527,9 @@ def optimizer_state(optimizer, groups: list[list]) -> dict:
         for p in params:
             moments = {k: safe_get_full_optimizer_state(p, k) for k in _ADAM_MOMENTS}
             if steps and all(v is not None for v in moments.values()):
-                state[idx] = {"step": steps[0].clone(), **{k: v.detach().cpu().reshape(p.ds_shape
-                              if hasattr(p, "ds_shape") else p.shape) for k, v in moments.items()}}
+                shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3: the whole shape, not (0,)
+                state[idx] = {"step": steps[0].clone(),
+                              **{k: v.detach().cpu().reshape(shape) for k, v in moments.items()}}
             ids.append(idx)
             idx += 1
         param_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
@@ -551,7 +547,7 @@ def load_optimizer_state(optimizer, groups: list[list], sd: dict) -> None:
         return
     from deepspeed.utils import safe_set_full_optimizer_state
 
-    zero_optimizer = getattr(_ENGINE, "optimizer", None)
+    zero_optimizer = getattr(world().engine, "optimizer", None)
     if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):
         # ZeRO-2 points each parameter at its slice of the moments at its first step; they
         # exist already (:func:`_adam_state_now`), and are written into now.

@@ -81,6 +81,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int],
     """
     import torch
 
+    from llamatune import dist
+
     pad = tokenizer.pad_token_id
     if pad is None:  # a bare tokenizer: padding is masked out, any id will do
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -120,9 +122,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int],
                     done |= torch.isin(nxt, stops)
                     if len(out_tokens) == max_new_tokens:
                         break
-                    if synced:
-                        from llamatune import dist
-
+                    if synced:  # stop when every process's batch is done
                         if dist.all_sum([float(not bool(done.all()))])[0] == 0:
                             break
                     elif bool(done.all()):

@@ -808,13 +808,12 @@ class Loop:
             load_trainable(loaded, begun.resume_from)
         # Under a launcher: the net wrapped (DDP, FSDP2) before the optimizer sees its weights;
         # DeepSpeed's engine takes net and optimizer together.
-        if dist.world().zero is None:
+        deepspeed = dist.world().zero is not None
+        if not deepspeed:
             self.wrapped = dist.prepare(loaded.net)
-            self.optimizer = build_optimizer(loaded.net, tc)
-            self.groups = [list(g["params"]) for g in self.optimizer.param_groups]
-        else:
-            self.optimizer = build_optimizer(loaded.net, tc, allocate=False)
-            self.groups = [list(g["params"]) for g in self.optimizer.param_groups]
+        self.optimizer = build_optimizer(loaded.net, tc, allocate=not deepspeed)
+        self.groups = [list(g["params"]) for g in self.optimizer.param_groups]  # as built
+        if deepspeed:
             self.wrapped = dist.prepare(loaded.net, self.optimizer, batch_size=tc.batch_size,
                                         max_grad_norm=tc.max_grad_norm)
         self.scheduler = build_scheduler(self.optimizer, tc, self.total_steps)

@@ -174,16 +174,25 @@ class PPORecipe(training.StageRun):
         return (not self.gae and p.epochs == 1 and p.kl_coef == 0 and p.kl_target is None
                 and n_parts <= self.cfg.train.grad_accum)
 
+    def _generate(self, prompts, **kw):
+        """The policy's responses to ``prompts`` (see :func:`llamatune.rollout.generate`).
+
+        Under FSDP2 from whole weights (each process decodes its own number of steps); under
+        ZeRO-3 every process decodes in step, its layers gathering inside their forward.
+        """
+        from llamatune.rollout import generate
+
+        with dist.full_params(self.net):
+            return generate(self.net.model, self.tokenizer, prompts, stop_ids=self.stop_ids,
+                            max_new_tokens=self.cfg.ppo.max_new_tokens,
+                            synced=dist.world().zero == 3, **kw)
+
     def _rollout(self, rows) -> dict:
-        from llamatune.rollout import generate, response_batch
+        from llamatune.rollout import response_batch
 
         p = self.cfg.ppo
         prompts = [s["input_ids"] for s in rows]
-        # FSDP2: whole weights, each process decodes its own steps; ZeRO-3: in step.
-        with dist.full_params(self.net):
-            resp = generate(self.net.model, self.tokenizer, prompts, stop_ids=self.stop_ids,
-                            max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                            top_p=p.top_p, synced=dist.world().zero == 3)
+        resp = self._generate(prompts, temperature=p.temperature, top_p=p.top_p)
         batch = response_batch(prompts, resp.ids, self.pad_id)
         return {"batch": batch, "mask": batch["labels"][:, 1:] != -100, "text": resp.text,
                 "ids": resp.ids, "ended": resp.ended, "rows": rows}
@@ -361,15 +370,8 @@ class PPORecipe(training.StageRun):
 
     def evaluate(self) -> dict:
         """Greedy answers to the held-out prompts, scored by the reward."""
-        from llamatune.rollout import generate
-
-        p = self.cfg.ppo
-        with dist.full_params(self.net):
-            resp = generate(self.net.model, self.tokenizer,
-                            [s["input_ids"] for s in self.eval_samples], stop_ids=self.stop_ids,
-                            max_new_tokens=p.max_new_tokens, greedy=True,
-                            batch_size=max(self.cfg.train.batch_size, 8),
-                            synced=dist.world().zero == 3)
+        resp = self._generate([s["input_ids"] for s in self.eval_samples], greedy=True,
+                              batch_size=max(self.cfg.train.batch_size, 8))
         scores = self._rewards({"rows": self.eval_samples, "text": resp.text})
         n = max(len(scores), 1)
         out = {"eval_reward": sum(scores) / n}
