@@ -35,6 +35,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# The checkout's datasets/ folder (data files, no __init__.py) passes for the `datasets` package
+# as a namespace package where that is not installed; transformers then counts `datasets` as
+# available and Trainer fails on it ("module 'datasets' has no attribute 'Dataset'").
+import importlib.util  # noqa: E402
+
+_ds = importlib.util.find_spec("datasets")
+if _ds is not None and _ds.origin is None:
+    sys.modules["datasets"] = None  # find_spec now answers None: not installed
 
 SHAPES = {
     # Llama-2-7B: 32 layers, hidden 4096, 32 heads (no GQA), MLP 11008, 32k vocabulary.
@@ -169,7 +177,7 @@ def run_hf(model_dir: Path, args) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
 
-    targs = TrainingArguments(output_dir=str(args.out / "hf"), per_device_train_batch_size=2,
+    targs = TrainingArguments(output_dir=str(args.work / "hf"), per_device_train_batch_size=2,
                               max_steps=args.steps, learning_rate=2e-4, logging_steps=1,
                               report_to=[], save_strategy="no", bf16=args.device == "cuda",
                               use_cpu=args.device == "cpu", dataloader_num_workers=0,
@@ -194,12 +202,12 @@ def run_fsdp(model_dir: Path, data: Path, args) -> dict:
            "-m", "llamatune", "sft", str(REPO / "recipes" / "alpaca.yaml"),
            f"model.path={model_dir}", f"data.path={data}", "data.eval_split=0",
            "train.max_steps=3", "train.batch_size=1", "train.max_length=256",
-           f"output_dir={args.out / 'run_fsdp'}", "overwrite=true", "train.progress=false"]
+           f"output_dir={args.work / 'run_fsdp'}", "overwrite=true", "train.progress=false"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     text = p.stdout + p.stderr
     said = [ln for ln in text.splitlines() if "llamatune sft: error" in ln or "Error" in ln]
-    metrics = args.out / "run_fsdp" / "metrics.jsonl"
+    metrics = args.work / "run_fsdp" / "metrics.jsonl"
     rows = ([json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file()
             else [])
     return {"rc": p.returncode, "said": said[:3], "losses": [r["loss"] for r in rows if "loss" in r],
@@ -253,6 +261,7 @@ def main() -> int:
             res[name] = {"error": f"{type(e).__name__}: {e}"[:800]}
         res[name]["wall_s"] = round(time.perf_counter() - t, 1)
         print(json.dumps({name: res[name]}), flush=True)
+        (args.out / "gpu_check.json").write_text(json.dumps(res, indent=1))  # kept if cut short
     if "tokens_per_s" in res.get("llamatune", {}) and "tokens_per_s" in res.get("hf", {}):
         res["speedup_vs_hf"] = round(res["llamatune"]["tokens_per_s"] / res["hf"]["tokens_per_s"], 3)
         if res["llamatune"]["peak_bytes"] and res["hf"]["peak_bytes"]:

@@ -9,7 +9,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 [ -d .gpu_extra ] && export PYTHONPATH="$PWD/.gpu_extra:$PYTHONPATH"
-python - <<'PY' || exit 1
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # the GPU image may have no `python`
+"$PY" - <<'PY' || exit 1
 import importlib.util as u
 missing = [m for m in ("torch", "transformers", "peft", "accelerate", "yaml", "safetensors",
                        "tokenizers") if u.find_spec(m) is None]
@@ -19,4 +20,4 @@ assert torch.cuda.is_available(), "no GPU visible"
 print("gpu:", torch.cuda.get_device_name(), torch.__version__)
 PY
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv 2>/dev/null || true
-exec timeout 560 python bench/gpu_check.py "$@"
+exec timeout 560 "$PY" bench/gpu_check.py "$@"
