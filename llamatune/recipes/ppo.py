@@ -353,6 +353,10 @@ class PPORecipe(training.StageRun):
                "entropy": float(masked_mean(scored["entropy"], mask)),
                "response_len": float(mask.sum(-1).float().mean()),
                "no_eos_frac": float(1 - sum(roll["ended"]) / len(roll["ended"]))}
+        if not self.gae:  # prompts whose answers all scored alike teach nothing (advantage 0)
+            groups = scored["shaped"].view(-1, self.cfg.ppo.k)
+            out["flat_groups"] = float((groups.max(1).values == groups.min(1).values)
+                                       .float().mean())
         if scored["ref"] is not None:  # measured unless nothing asks for it (see _one_pass)
             out["kl"] = float(scored["kl"].sum(-1).mean())
             out["kl_k3"] = float((kl_k3(scored["old"], scored["ref"]) * mask).sum(-1).mean())
