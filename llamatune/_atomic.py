@@ -41,6 +41,7 @@ _REASONS = {
     errno.EPERM: "the operation is not permitted",
     errno.EFBIG: "the file is larger than the file system allows",
 }
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 WRITE_ERRNOS = frozenset(_REASONS)
 """The error numbers a write can meet that the user fixes (space, mounts, permissions)."""
 
@@ -116,8 +117,8 @@ def writing(what: str, where, fix: str, temporary=()):
     Args:
         what: What the block writes, for the message (``"checkpoint-40"``).
         where: The folder or file it goes to.
-        fix: What the user can do, one sentence (``"free space or choose another
-            output_dir"``).
+        fix: What else the user can do, after "Free space, or " (or "Make it writable,
+            or "): ``"choose another output_dir."``.
         temporary: Paths the block creates and that must not outlive a failure.
 
     Raises:
@@ -134,9 +135,12 @@ def writing(what: str, where, fix: str, temporary=()):
             raise
         at = _failed_path(e)
         detail = f"{os.strerror(err)}" + (f": {at}" if at else "")
+        first = ("Free space" if err in _FULL else
+                 "Make it writable (permissions, a read-only mount)")
         raise WriteError(
             f"could not write {what} to {where}: {reason(err)} ({detail}). What was there "
-            f"before is untouched and the partial files were removed. {fix}", err) from None
+            f"before is untouched and the partial files were removed. {first}, or {fix}",
+            err) from None
 
 
 def write_text(path: Path, text: str) -> None:

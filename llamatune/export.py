@@ -400,7 +400,7 @@ def verify_gguf(folder: Path, path: Path, gguf_type: str, n: int = 8,
 
 
 # -- the command ------------------------------------------------------------------------------
-_FIX = "Free space or choose another --gguf path, on a disk with room for the GGUF."
+_FIX = "choose another --gguf path, on a disk with room for the GGUF."
 
 
 def _modelfile(gguf_name: str, stops: list[str]) -> str:

@@ -493,7 +493,7 @@ def _saved_dtype(folder: str, dtype: str | None) -> tuple[str, str]:
     return stored, "the base checkpoint's dtype"
 
 
-_FIX = "Free space or choose another --out, on a disk with room for the merged weights."
+_FIX = "choose another --out, on a disk with room for the merged weights."
 
 
 def _tmp_name(out: Path) -> Path:

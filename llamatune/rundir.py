@@ -52,9 +52,9 @@ __all__ = [
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
-_FIX = "Free space or choose another output_dir."
-_FIX_FINAL = ("Free space or choose another output_dir; the last checkpoint-STEP (if "
-              "train.save_every wrote one) is kept, and resume=true continues from it.")
+_FIX = "choose another output_dir."
+_FIX_FINAL = ("choose another output_dir; the last checkpoint-STEP (if train.save_every "
+              "wrote one) is kept, and resume=true continues from it.")
 
 
 def head_file(name: str) -> str:

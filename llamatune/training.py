@@ -374,7 +374,7 @@ class MetricsWriter:
             with _atomic.writing(path.name, path.parent, self._fix):
                 _atomic.write_text(path, "".join(k + "\n" for k in keep))
 
-    _fix = "Free space or choose another output_dir, then continue with resume=true."
+    _fix = "choose another output_dir; earlier rows are whole, resume=true continues."
 
     def write(self, row: dict) -> None:
         """Append a row and flush.
@@ -515,9 +515,9 @@ def _write_checkpoint(run_dir, final, step, model, moments, scheduler, state, ke
     tmp = run_dir / f".checkpoint-{step}.tmp"
     for stale in run_dir.glob(".checkpoint-*.tmp"):  # left by a killed run; they take space
         shutil.rmtree(stale, ignore_errors=True)
-    fix = ("Free space (a lower train.keep_checkpoints keeps fewer) or choose another "
-           "output_dir" + (f"; resume=true continues from {checkpoints(run_dir)[-1].name}."
-                           if checkpoints(run_dir) else "."))
+    done = checkpoints(run_dir)
+    fix = ("lower train.keep_checkpoints (fewer kept), or choose another output_dir" +
+           (f"; resume=true continues from {done[-1].name}." if done else "."))
     # A failure anywhere here leaves no temporary folder and prunes nothing.
     with _atomic.writing(f"checkpoint-{step}", run_dir, fix, temporary=[tmp]):
         tmp.mkdir(parents=True)

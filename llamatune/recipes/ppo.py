@@ -401,8 +401,8 @@ class PPORecipe(training.StageRun):
                              "response": text, "reward": round(score, 4)}) + "\n"
                  for s, text, score in list(zip(rows, roll["text"],
                                                 scored["scores"].tolist()))[:4]]
-        with writing("samples.jsonl", self.run_dir, "Free space or choose another output_dir, "
-                     "then continue with resume=true."):
+        with writing("samples.jsonl", self.run_dir, "choose another output_dir, then "
+                     "continue with resume=true."):
             append_text(self.run_dir / "samples.jsonl", "".join(lines))
 
 
