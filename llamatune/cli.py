@@ -1,7 +1,8 @@
 """The ``llamatune`` command. Parses arguments and hands off to stages, importing them lazily.
 
 Every command exits 0 on success. A user mistake (:class:`~llamatune.errors.UserError` or
-:class:`~llamatune.config.ConfigError`) prints one paragraph, no traceback, and exits 2.
+:class:`~llamatune.config.ConfigError`) prints one paragraph, no traceback, and exits 2; so
+does a write that meets a full disk, a read-only file system or a missing permission.
 """
 
 from __future__ import annotations
@@ -421,3 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `llamatune params ... | head`
         sys.stderr.close()
         return 0
+    except Exception as e:
+        from llamatune._atomic import describe
+
+        msg = describe(e)  # a full disk or read-only folder met outside the wrapped writes
+        if msg is None:
+            raise  # a bug: keep its traceback
+        print(f"llamatune {args.command}: error: {msg}", file=sys.stderr)
+        return 2

@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamatune._atomic import WriteError, reason, writing
 from llamatune.errors import UserError
 
 __all__ = ["GGUF_TYPES", "Q8_PPL_BOUND", "ExportVerificationError", "export_gguf", "reference_model",
@@ -399,6 +400,9 @@ def verify_gguf(folder: Path, path: Path, gguf_type: str, n: int = 8,
 
 
 # -- the command ------------------------------------------------------------------------------
+_FIX = "choose another --gguf path, on a disk with room for the GGUF."
+
+
 def _modelfile(gguf_name: str, stops: list[str]) -> str:
     lines = ["# Ollama: ollama create NAME -f THIS_FILE", f"FROM ./{gguf_name}",
              "# The chat template travels inside the GGUF (tokenizer.chat_template); Ollama "
@@ -419,15 +423,20 @@ def export_gguf(folder: Path, out: Path, gguf_type: str = "f16", verify: bool = 
     """
     from transformers import AutoTokenizer
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".gguf", dir=out.parent)
+    with writing(out.name, out.parent, _FIX):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".gguf", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o666 & ~umask)  # mkstemp makes it private; the published file is not
     result = None
-    try:
+    modelfile = out.with_suffix(".Modelfile")
+    mtmp = modelfile.with_name(f".{modelfile.name}.tmp")
+    # Any failure (a full disk, a failed check, Ctrl-C) removes both temporary files; an
+    # earlier OUT.gguf and its Modelfile stay as they were.
+    with writing(out.name, out.parent, _FIX, temporary=[tmp, mtmp]):
         write_gguf(folder, tmp, gguf_type, out.stem)
         if verify:
             result = verify_gguf(folder, tmp, gguf_type, samples)
@@ -438,14 +447,9 @@ def export_gguf(folder: Path, out: Path, gguf_type: str = "f16", verify: bool = 
                     f"Nothing was written to {out}; report this as a bug.")
         tok = AutoTokenizer.from_pretrained(str(folder))
         stops = [tok.convert_ids_to_tokens(i) for i in stop_ids(folder, tok)]
-        modelfile = out.with_suffix(".Modelfile")
-        mtmp = modelfile.with_name(f".{modelfile.name}.tmp")
         mtmp.write_text(_modelfile(out.name, stops))
         os.replace(tmp, out)
         os.replace(mtmp, modelfile)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return result
 
 
@@ -482,7 +486,14 @@ def run_export(path: str, gguf: str, gguf_type: str = "f16", verify: bool = True
 
             work = Path(tempfile.mkdtemp(prefix="llamatune-export-"))
             print(f"export: merging {src} first", flush=True)
-            run_merge(str(src), str(work / "merged"), verify=verify, samples=samples)
+            try:
+                run_merge(str(src), str(work / "merged"), verify=verify, samples=samples)
+            except WriteError as e:  # the temporary merge, not --out: say where and what to do
+                raise WriteError(
+                    f"could not write the merged model export builds first in {work}: "
+                    f"{reason(e.errno)}. Nothing at --gguf {gguf} was changed. Free space in "
+                    "the temporary folder, or point TMPDIR at a disk with room for the merged "
+                    "weights.", e.errno) from None
             folder = work / "merged"
         elif (src / "config.json").is_file():
             folder = src

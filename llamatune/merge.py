@@ -62,6 +62,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamatune._atomic import writing
 from llamatune.errors import UserError
 
 __all__ = [
@@ -492,6 +493,9 @@ def _saved_dtype(folder: str, dtype: str | None) -> tuple[str, str]:
     return stored, "the base checkpoint's dtype"
 
 
+_FIX = "choose another --out, on a disk with room for the merged weights."
+
+
 def _tmp_name(out: Path) -> Path:
     return out.with_name(f".{out.name}.merging-{os.getpid()}")
 
@@ -557,7 +561,8 @@ def run_merge(run_dir, out, base: str = "auto", dtype: str | None = None, verify
     reference = _load_reference(cfg, run) if (verify or mode == "dequantized") else None
     tmp = _tmp_name(out_path)
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # Any failure (a full disk, a failed check, Ctrl-C) removes the temporary folder.
+    with writing("the merged model", out_path, _FIX, temporary=[tmp]):
         merged = build_merged_model(cfg, run, folder, mode, reference)
         write_model_folder(tmp, merged, tokenizer, cfg.data.template, _torch_dtype(out_dtype))
         del merged
@@ -588,9 +593,6 @@ def run_merge(run_dir, out, base: str = "auto", dtype: str | None = None, verify
             raise UserError(f"--out {out} appeared while merging; the merged model is not "
                             "written over it.")
         os.replace(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"merged model written to {out_path}; it loads with "
           f"AutoModelForCausalLM.from_pretrained({str(out_path)!r})", flush=True)
     return 0

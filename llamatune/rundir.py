@@ -28,6 +28,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamatune._atomic import WriteError, agree, publish, reason, remove, writing
 from llamatune.config import Config, ConfigError, load_config, save_config
 from llamatune.errors import UserError
 
@@ -50,6 +51,10 @@ __all__ = [
 ]
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+_FIX = "choose another output_dir."
+_FIX_FINAL = ("choose another output_dir; the last checkpoint-STEP (if train.save_every "
+              "wrote one) is kept, and resume=true continues from it.")
 
 
 def head_file(name: str) -> str:
@@ -125,7 +130,9 @@ def create_output_dir(cfg: Config, out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"output_dir {cfg.output_dir} cannot be created ({e.strerror}).") from None
+        raise UserError(f"output_dir {cfg.output_dir} cannot be created: {reason(e.errno)} "
+                        f"({e.strerror}); free space or choose another folder with "
+                        "output_dir=PATH.") from None
     if cfg.overwrite and not cfg.resume:
         for p in out.glob("checkpoint-*"):
             shutil.rmtree(p, ignore_errors=True)
@@ -164,30 +171,46 @@ def write_run_files(run_dir: Path, cfg: Config, tokenizer) -> None:
     """Resolved config plus tokenizer with the run's chat template: the folder describes itself."""
     from llamatune.data.templates import to_jinja
 
-    save_config(cfg, run_dir / "config.yaml")
-    tokenizer.chat_template = to_jinja(tokenizer, cfg.data.template, cfg.data.system)
-    tokenizer.save_pretrained(str(run_dir))
+    tmp = run_dir / ".run-files.tmp"
+    remove(tmp)
+    # Written aside and moved in: a resumed run's config.yaml and tokenizer are replaced
+    # whole or not at all.
+    with writing("the run's config.yaml and tokenizer", run_dir, _FIX, temporary=[tmp]):
+        tmp.mkdir()
+        save_config(cfg, tmp / "config.yaml")
+        tokenizer.chat_template = to_jinja(tokenizer, cfg.data.template, cfg.data.system)
+        tokenizer.save_pretrained(str(tmp))
+        publish(tmp, run_dir)
 
 
 def write_final(run_dir: Path, write) -> None:
     """Write the final weights through a temporary folder, then move them in place.
 
+    A failure to write (a full disk, a read-only mount) leaves an earlier adapter there
+    untouched and no temporary folder; every process then stops with one message.
+
     Args:
         run_dir: The run directory.
         write: ``callable(folder)`` that writes the files (adapter, heads, ...).
+
+    Raises:
+        WriteError: The files could not be written.
     """
     from llamatune import dist
 
+    error = None
     with dist.on_main() as main:  # under a launcher, one process writes
-        if not main:
-            return
-        tmp = run_dir / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        write(tmp)
-        for f in tmp.iterdir():
-            os.replace(f, run_dir / f.name)
-        tmp.rmdir()
+        if main:
+            tmp = run_dir / ".final.tmp"
+            remove(tmp)
+            try:
+                with writing("the final adapter", run_dir, _FIX_FINAL, temporary=[tmp]):
+                    tmp.mkdir()
+                    write(tmp)
+                    publish(tmp, run_dir)
+            except WriteError as e:
+                error = e
+    agree(error)
 
 
 def keep_copy(run_dir: Path, src: str, name: str, files=ADAPTER_FILES) -> Path:
@@ -209,12 +232,13 @@ def _copy_in(src: str, dest: Path, files) -> None:
         return
     run_dir, name = dest.parent, dest.name
     tmp = run_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for f in files:
-        if (Path(src) / f).is_file():
-            shutil.copy2(Path(src) / f, tmp / f)
-    os.replace(tmp, dest)
+    remove(tmp)
+    with writing(f"the copy of {src} the run needs", dest, _FIX, temporary=[tmp]):
+        tmp.mkdir()
+        for f in files:
+            if (Path(src) / f).is_file():
+                shutil.copy2(Path(src) / f, tmp / f)
+        os.replace(tmp, dest)
 
 
 REFERENCE_DIR = "reference_adapter"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from llamatune import dist
+from llamatune import _atomic, dist
 from llamatune.config import Config, TrainConfig
 from llamatune.errors import UserError
 from llamatune.rundir import checkpoints, latest_checkpoint
@@ -371,16 +371,24 @@ class MetricsWriter:
                     continue
                 if isinstance(row, dict) and row.get("step", 0) <= resume_step:
                     keep.append(ln)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(k + "\n" for k in keep))
-            os.replace(tmp, path)
+            with _atomic.writing(path.name, path.parent, self._fix):
+                _atomic.write_text(path, "".join(k + "\n" for k in keep))
+
+    _fix = "choose another output_dir; earlier rows are whole, resume=true continues."
 
     def write(self, row: dict) -> None:
-        """Append a row and flush."""
+        """Append a row and flush.
+
+        Raises:
+            WriteError: The row could not be appended; the file keeps its earlier rows whole.
+                Only the main process writes, so the run stops there; under a launcher the
+                other processes stop at their next collective when it exits (the launcher
+                ends them), they do not wait forever.
+        """
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        with _atomic.writing(f"a row of {self.path.name}", self.path.parent, self._fix):
+            _atomic.append_text(self.path, json.dumps(row) + "\n")
         if self.trackers is not None:
             self.trackers.log(row)
 
@@ -488,10 +496,15 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})})
     groups = groups or [list(g["params"]) for g in optimizer.param_groups]
     moments = dist.optimizer_state(optimizer, groups)
+    error = None
     with dist.whole_trainables(getattr(model, "net", model)), dist.on_main() as main:
         if main:
-            _write_checkpoint(run_dir, final, step, model, moments, scheduler, state, keep,
-                              save_model, states)
+            try:
+                _write_checkpoint(run_dir, final, step, model, moments, scheduler, state, keep,
+                                  save_model, states)
+            except _atomic.WriteError as e:
+                error = e
+    _atomic.agree(error)  # every process stops when the main one could not write
     return final
 
 
@@ -500,20 +513,26 @@ def _write_checkpoint(run_dir, final, step, model, moments, scheduler, state, ke
     from safetensors.torch import save_file
 
     tmp = run_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, tmp)
-    _save_optimizer(moments, tmp)
-    rng = dict(states[0])  # the main process's, under the names a single process uses
-    for rank, st in enumerate(states[1:], 1):
-        rng.update({f"{k}.{rank}": v for k, v in st.items()})
-    save_file(rng, str(tmp / "rng.safetensors"))
-    full_state = dict(state, step=step, scheduler=scheduler.state_dict(),
-                      python_rng=_py_rng_to_json(random.getstate()), time=time.time())
-    # Written last: a checkpoint folder with trainer_state.json is complete.
-    (tmp / "trainer_state.json").write_text(json.dumps(full_state))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    for stale in run_dir.glob(".checkpoint-*.tmp"):  # left by a killed run; they take space
+        shutil.rmtree(stale, ignore_errors=True)
+    done = checkpoints(run_dir)
+    fix = ("lower train.keep_checkpoints (fewer kept), or choose another output_dir" +
+           (f"; resume=true continues from {done[-1].name}." if done else "."))
+    # A failure anywhere here leaves no temporary folder and prunes nothing.
+    with _atomic.writing(f"checkpoint-{step}", run_dir, fix, temporary=[tmp]):
+        tmp.mkdir(parents=True)
+        save_model(model, tmp)
+        _save_optimizer(moments, tmp)
+        rng = dict(states[0])  # the main process's, under the names a single process uses
+        for rank, st in enumerate(states[1:], 1):
+            rng.update({f"{k}.{rank}": v for k, v in st.items()})
+        save_file(rng, str(tmp / "rng.safetensors"))
+        full_state = dict(state, step=step, scheduler=scheduler.state_dict(),
+                          python_rng=_py_rng_to_json(random.getstate()), time=time.time())
+        # Written last: a checkpoint folder with trainer_state.json is complete.
+        (tmp / "trainer_state.json").write_text(json.dumps(full_state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
     ckpts = checkpoints(run_dir)
     for old in ckpts[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

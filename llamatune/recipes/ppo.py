@@ -399,10 +399,15 @@ class PPORecipe(training.StageRun):
         self.kl.coef, self.reward_stats = state["kl_coef"], list(state["reward_stats"])
 
     def _write_samples(self, step: int, rows, roll, scored) -> None:
-        with open(self.run_dir / "samples.jsonl", "a") as f:
-            for s, text, score in list(zip(rows, roll["text"], scored["scores"].tolist()))[:4]:
-                f.write(json.dumps({"step": step, "prompt": s["messages"][-1]["content"],
-                                    "response": text, "reward": round(score, 4)}) + "\n")
+        from llamatune._atomic import append_text, writing
+
+        lines = [json.dumps({"step": step, "prompt": s["messages"][-1]["content"],
+                             "response": text, "reward": round(score, 4)}) + "\n"
+                 for s, text, score in list(zip(rows, roll["text"],
+                                                scored["scores"].tolist()))[:4]]
+        with writing("samples.jsonl", self.run_dir, "choose another output_dir, then "
+                     "continue with resume=true."):
+            append_text(self.run_dir / "samples.jsonl", "".join(lines))
 
 
 
