@@ -87,7 +87,7 @@ RM_BELOW = 0.15
 """RM: held-out accuracy this far below 0.5 is worse than chance: labels the other way round."""
 SFT_RISES = 3
 """SFT: consecutive rises of the eval loss."""
-SFT_MIN_RISE = 1e-3
+SFT_MIN_RISE = 1e-4
 """SFT: a rise counts when above this fraction of the previous eval loss (not rounding)."""
 
 

@@ -204,15 +204,14 @@ def test_reward_model_on_half_swapped_pairs_is_at_chance(tmp_path, tiny_model_di
     assert "ALARM rm_chance at step 8 (recorded)" in text
 
 
-def test_reward_model_on_pairs_identical_after_truncation(tmp_path, tiny_model_dir, capsys):
-    # The answers differ in their last word only; train.max_length cuts it off.
-    recipe = _pref(tmp_path, tiny_model_dir, _pairs(n_per_topic=10), "rm", max_steps=2,
-                   lr=1e-2, max_length=20)
-    assert cli(["rm", str(recipe)]) == 0
-    out = capsys.readouterr().out
-    assert out.count("ALARM rm_below_chance at step 2") == 1
-    assert "60 of 60 training pairs have the same chosen and rejected token ids at " \
-           "train.max_length=20" in out
+def test_pair_context_counts_pairs_identical_after_truncation():
+    same = {"chosen_ids": [1, 2, 3], "rejected_ids": [1, 2, 3]}
+    other = {"chosen_ids": [1, 2, 3], "rejected_ids": [1, 2, 4]}
+    ctx = health.pair_context([same, other, same], [other], 3)
+    assert ctx == {"pairs": 3, "identical_pairs": 2, "eval_pairs": 1, "max_length": 3}
+    rows = [{"step": 2, "eval_accuracy": 0.0}]
+    msg = check_rows(rows, "rm", {**ctx, "eval_pairs": 20})[0]["message"]
+    assert "2 of 3 training pairs have the same chosen and rejected token ids" in msg
 
 
 def test_dpo_normal_run_trips_nothing(tmp_path, tiny_model_dir, capsys):
