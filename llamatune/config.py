@@ -218,6 +218,10 @@ class TrainConfig:
     """Keep the newest N checkpoints."""
     progress: bool = True
     """Show the progress bar."""
+    alarms: bool = True
+    """Training-health alarms (:mod:`llamatune.health`: negative KL, entropy or length
+    collapse, DPO chosen rewards falling, accuracy at chance, eval loss rising): each printed
+    once when it trips and recorded as a ``metrics.jsonl`` row; ``false`` turns them off."""
     report_to: list[str] | str = field(default_factory=list)
     """Trackers that also get every metrics row: ``tensorboard``, ``wandb``, ``trackio`` (one
     name or a list; off by default). ``metrics.jsonl`` is written either way."""

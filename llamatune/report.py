@@ -34,7 +34,9 @@ def key_figures(run_dir: str | Path) -> dict:
     """The figures ``report`` prints for one run directory.
 
     Returns:
-        ``stage``, ``steps``, ``finished``, ``last_loss`` and, per held-out metric,
+        ``stage``, ``steps``, ``finished``, ``last_loss``, ``alarms`` (the training-health
+        alarm rows the run recorded, :mod:`llamatune.health`; for a run whose config predates
+        ``train.alarms``, replayed and marked ``replayed``) and, per held-out metric,
         ``first``/``last`` values; for PPO also the sampled reward's first and last fifth and
         the largest KL.
     """
@@ -50,6 +52,7 @@ def key_figures(run_dir: str | Path) -> dict:
         if vals:
             out[key] = {"first": vals[0][1], "first_step": vals[0][0], "last": vals[-1][1],
                         "last_step": vals[-1][0]}
+    out["alarms"] = _alarms(run_dir, rows, stage)
     if stage == "ppo":
         rewards = [r["reward_mean"] for r in train if "reward_mean" in r]
         f = _fifths(rewards)
@@ -59,6 +62,27 @@ def key_figures(run_dir: str | Path) -> dict:
         if kls:
             out["max_kl"] = max(kls)
     return out
+
+
+def _alarms(run_dir: Path, rows: list[dict], stage: str | None) -> list[dict]:
+    """The alarms the run recorded; for a run from before alarms existed, replayed (marked)."""
+    from llamatune.health import replay
+
+    found = [r for r in rows if "alarm" in r]
+    if found or _alarms_key(run_dir):
+        return found
+    return [{**a, "replayed": True} for a in replay(run_dir)]
+
+
+def _alarms_key(run_dir: Path) -> bool:
+    """Whether the run's ``config.yaml`` has ``train.alarms`` (it ran with the monitor)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(cfg, dict) and "alarms" in (cfg.get("train") or {})
 
 
 def _describe(fig: dict) -> str:
@@ -76,6 +100,9 @@ def _describe(fig: dict) -> str:
                      f"last fifth {fig['reward_last_fifth']:.4f}")
     if "max_kl" in fig:
         lines.append(f"  largest KL           {fig['max_kl']:.3f}")
+    for a in fig.get("alarms", []):
+        how = "replayed from metrics.jsonl" if a.get("replayed") else "recorded"
+        lines.append(f"  ALARM {a['alarm']} at step {a['step']} ({how}): {a['message']}")
     return "\n".join(lines)
 
 

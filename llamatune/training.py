@@ -353,12 +353,18 @@ def trainable_state_dict(model) -> dict:
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to ``metrics.jsonl``."""
+    """Appends one JSON object per logged step to ``metrics.jsonl``.
 
-    def __init__(self, path: Path, resume_step: int | None = None, trackers=None):
+    With a ``monitor`` (:class:`~llamatune.health.Monitor`), every process feeds it every
+    row, and the main process appends and prints the alarms that trip after the row.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None, trackers=None,
+                 monitor=None):
         self.path = path
         self.trackers = trackers
         """:class:`~llamatune.trackers.Trackers` that also get every row (``train.report_to``)."""
+        self.monitor = monitor
         self.enabled = dist.world().main  # under a launcher, the main process writes
         if self.enabled and resume_step is not None and path.exists():
             # Drop rows logged after the checkpoint we resume from: they will be redone. A
@@ -373,11 +379,13 @@ class MetricsWriter:
                     keep.append(ln)
             with _atomic.writing(path.name, path.parent, self._fix):
                 _atomic.write_text(path, "".join(k + "\n" for k in keep))
+        if monitor is not None and resume_step is not None:
+            monitor.resume(path, resume_step)  # every process: the alarms agree
 
     _fix = "choose another output_dir; earlier rows are whole, resume=true continues."
 
     def write(self, row: dict) -> None:
-        """Append a row and flush.
+        """Append a row (and the alarms it trips) and flush.
 
         Raises:
             WriteError: The row could not be appended; the file keeps its earlier rows whole.
@@ -385,15 +393,30 @@ class MetricsWriter:
                 other processes stop at their next collective when it exits (the launcher
                 ends them), they do not wait forever.
         """
+        alarms = self.monitor.observe(row) if self.monitor is not None else []
         if not self.enabled:
             return
         with _atomic.writing(f"a row of {self.path.name}", self.path.parent, self._fix):
             _atomic.append_text(self.path, json.dumps(row) + "\n")
         if self.trackers is not None:
             self.trackers.log(row)
+        self._alarm(alarms)
+
+    def _alarm(self, alarms: list[dict]) -> None:
+        from llamatune.health import announce
+
+        if alarms and self.enabled:
+            with _atomic.writing(f"an alarm row of {self.path.name}", self.path.parent,
+                                 self._fix):
+                _atomic.append_text(self.path, "".join(json.dumps(a) + "\n" for a in alarms))
+            for a in alarms:
+                announce(a)
 
     def close(self) -> None:
-        """Finish the trackers (the file needs nothing)."""
+        """Check the end-of-run alarms and finish the trackers (the file needs nothing)."""
+        if self.monitor is not None:
+            self._alarm(self.monitor.finish())
+            self.monitor = None
         if self.trackers is not None:
             self.trackers.close()
             self.trackers = None
@@ -857,7 +880,11 @@ class Loop:
             from llamatune.trackers import Trackers
 
             trackers = Trackers(tc.trackers, self.run_dir, config_to_dict(cfg))
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step, trackers)
+        from llamatune.health import Monitor
+
+        monitor = Monitor(stage.name, getattr(stage, "alarm_context", None)) if tc.alarms else None
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step, trackers,
+                                     monitor)
 
     def next_batch(self) -> dict:
         """The next micro-batch of the stage's epochs (the position checkpoints save)."""

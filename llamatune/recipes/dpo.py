@@ -86,6 +86,7 @@ class DPORecipe(training.StageRun):
     def setup(self) -> None:
         """Validate inputs, tokenize, load policy and reference on one base, resume if asked."""
         from llamatune import model as loader
+        from llamatune.health import pair_context
         from llamatune.rundir import REFERENCE_DIR, keep_copy, starting_adapter
 
         cfg = self.cfg
@@ -93,6 +94,7 @@ class DPORecipe(training.StageRun):
         begun = training.start(cfg, "pairs", "llamatune dpo", self.recipe_path)
         self.run_dir, data = begun.run_dir, begun.data
         self.train_samples, self.eval_samples = data.train, data.eval
+        self.alarm_context = pair_context(data.train, data.eval, cfg.train.max_length)
         self.loaded = loader.load_base(cfg.model, trainable=True, seed=cfg.train.seed)
         if start is not None:
             start = str(keep_copy(self.run_dir, start, REFERENCE_DIR))

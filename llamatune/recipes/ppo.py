@@ -64,6 +64,7 @@ class PPORecipe(training.StageRun):
         begun = training.start(cfg, "prompts", "llamatune ppo", self.recipe_path)
         self.run_dir, data = begun.run_dir, begun.data
         self.train_samples, self.eval_samples = data.train, data.eval
+        self.alarm_context = {"max_new_tokens": p.max_new_tokens}  # llamatune.health
         self.loaded = loader.load_base(cfg.model, trainable=True, seed=cfg.train.seed)
         if start is not None:
             start = str(keep_copy(self.run_dir, start, REFERENCE_DIR))

@@ -62,6 +62,7 @@ class RewardRecipe(training.StageRun):
     def setup(self) -> None:
         """Validate inputs, tokenize, load the model and optimizer, resume if asked."""
         from llamatune import model as loader
+        from llamatune.health import pair_context
         from llamatune.rundir import starting_adapter
 
         cfg = self.cfg
@@ -69,6 +70,7 @@ class RewardRecipe(training.StageRun):
         begun = training.start(cfg, "pairs", "llamatune rm", self.recipe_path)
         self.run_dir, data = begun.run_dir, begun.data
         self.train_samples, self.eval_samples = data.train, data.eval
+        self.alarm_context = pair_context(data.train, data.eval, cfg.train.max_length)
         full = not cfg.lora.enabled
         self.loaded = loader.load_base(cfg.model, trainable=True, full=full, seed=cfg.train.seed)
         if sft is not None:
