@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -63,6 +62,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamatune._atomic import writing
+from llamatune._merge_check import (
+    Check,
+    Verification,
+    check_plain,
+    compare_models,
+    drop_lora_dropout,
+    evaluation_setup,
+    pinned_float32,
+    plain_reference,
+)
 from llamatune.errors import UserError
 
 __all__ = [
@@ -92,81 +101,6 @@ DTYPE_PPL_SLACK = {"float32": 0.0, "float16": 0.01, "bfloat16": 0.02}
 
 class MergeVerificationError(UserError):
     """The merged model does not reproduce base + adapter within tolerance."""
-
-
-@dataclass(frozen=True)
-class Check:
-    """The pass/fail rule verification applies."""
-
-    kind: str
-    """``logits`` (max absolute logit difference), ``perplexity`` (relative gap) or
-    ``report`` (print only; fails only on NaN/inf)."""
-    tolerance: float
-    """The bound for ``kind``; unused for ``report``."""
-    why: str
-    """The reason this rule applies, for the printed report."""
-
-
-@dataclass
-class Verification:
-    """What verification measured, and whether it passed."""
-
-    check: Check
-    precision: str
-    """The dtype both models were evaluated in."""
-    samples: int
-    source: str
-    """Where the samples came from (the eval split or, without one, training samples)."""
-    tokens: int
-    """Supervised tokens scored."""
-    max_logit_diff: float
-    ppl_merged: float
-    ppl_reference: float
-
-    @property
-    def ppl_gap(self) -> float:
-        """Relative perplexity gap ``|merged / reference - 1|``."""
-        return abs(self.ppl_merged / self.ppl_reference - 1.0)
-
-    @property
-    def passed(self) -> bool:
-        """Whether the check holds (a ``report`` check passes unless the model is broken)."""
-        if not (math.isfinite(self.max_logit_diff) and math.isfinite(self.ppl_merged)):
-            return False  # NaN/inf logits: broken whatever the rule (overflow in float16, say)
-        if self.check.kind == "logits":
-            return self.max_logit_diff <= self.check.tolerance
-        if self.check.kind == "perplexity":
-            return self.ppl_gap <= self.check.tolerance
-        return True
-
-    def summary(self) -> str:
-        """The lines printed after verification."""
-        if self.check.kind == "logits":
-            rule = f"max logit difference <= {self.check.tolerance:g}"
-        elif self.check.kind == "perplexity":
-            rule = f"perplexity gap <= {100 * self.check.tolerance:g}%"
-        else:
-            rule = "report only"
-        verdict = "passed" if self.passed else "FAILED"
-        if self.check.kind == "report" and self.passed:
-            verdict = "not judged"
-        return (
-            f"verify: {self.samples} samples ({self.source}), {self.tokens} supervised tokens, "
-            f"evaluated in {self.precision}\n"
-            f"  max |logit difference|  {self.max_logit_diff:.3g}\n"
-            f"  perplexity              merged {self.ppl_merged:.4f}, base+adapter "
-            f"{self.ppl_reference:.4f} (gap {100 * self.ppl_gap:.3f}%)\n"
-            f"  check                   {rule} ({self.check.why}): {verdict}"
-        )
-
-    def as_dict(self) -> dict:
-        """JSON-able record for ``llamatune_merge.json``."""
-        return {
-            "check": dataclasses.asdict(self.check), "precision": self.precision,
-            "samples": self.samples, "source": self.source, "tokens": self.tokens,
-            "max_logit_diff": self.max_logit_diff, "ppl_merged": self.ppl_merged,
-            "ppl_reference": self.ppl_reference, "passed": self.passed,
-        }
 
 
 def choose_check(quantization: str, base: str, reference_dtype: str, out_dtype: str) -> Check:
@@ -252,18 +186,39 @@ def _resolve_base(base: str, quantization: str) -> str:
     return "dequantized" if base == "auto" else base
 
 
-def _load_reference(cfg, run: Path):
-    """Base + adapter as training saw it (its quantized base included), computing in float32.
+@dataclass
+class Reference:
+    """Base + adapter for verification, and how it was built (printed and recorded)."""
 
-    Verification checks the merge, not the training precision: both sides compute in float32
-    (float64 for the exact check) whatever the run trained in, and the 4-bit layers take
-    bitsandbytes' standard path (its packed CPU inference kernel computes in bf16).
+    model: object
+    device: str
+    how: str
+
+
+def _load_reference(cfg, run: Path, folder: str) -> Reference:
+    """Base + adapter, computing in float32 (float64 for the exact check), LoRA dropout off.
+
+    Verification checks the merge, not the training precision, whatever the run trained in.
+    A full-precision base is loaded exactly as the merged model's base is (plain
+    ``transformers``, then peft's LoRA layers): not through llamatune's loader, so neither its
+    dtype policy nor its kernels can make the two sides differ. A quantized base needs the
+    loader (bitsandbytes); its 4-bit layers take bitsandbytes' standard path (the packed CPU
+    inference kernel computes in bf16).
     """
+    if cfg.model.quantization == "none":
+        model = plain_reference(folder, run, trust_remote_code=cfg.model.trust_remote_code,
+                                attn_implementation=cfg.model.attn_implementation)
+        return Reference(model, "cpu", "plain transformers base from its float32 weights + "
+                         "peft LoRA layers (unmerged, dropout off)")
     from llamatune.model import load_model
 
     mcfg = dataclasses.replace(cfg.model, gradient_checkpointing=False, tokenizer=str(run),
                                adapter=None, dtype="float32", compute_dtype="float32")
-    return load_model(mcfg, None, adapter=str(run), trainable=False, cpu_4bit_packing=False)
+    loaded = load_model(mcfg, None, adapter=str(run), trainable=False, cpu_4bit_packing=False)
+    drop_lora_dropout(loaded.model)
+    return Reference(loaded.model, loaded.device, f"{cfg.model.quantization} base through "
+                     f"llamatune's loader ({loaded.kernels or 'bitsandbytes'}) + peft LoRA "
+                     "layers (unmerged, dropout off)")
 
 
 def dequantize_weight(module):
@@ -311,7 +266,7 @@ def build_merged_model(cfg, run: Path, folder: str, base: str, reference=None):
         run: The run directory (its adapter is loaded from there).
         folder: The resolved base-model folder.
         base: ``original`` or ``dequantized``.
-        reference: The quantized base + adapter (a :class:`~llamatune.model.Loaded`, needed
+        reference: The quantized base + adapter (a :class:`Reference`, needed
             for ``dequantized``): its quantized layers supply the dequantized weights, so they
             are bit for bit those training used.
 
@@ -422,46 +377,12 @@ def held_out_samples(cfg, tokenizer, n: int, stage: str = "sft") -> tuple[list[d
         ) from None
 
 
-def _logits(model, ids, device):
-    import torch
+def _verify(folder: Path, reference: Reference, cfg, check: Check, data) -> Verification:
+    """Load the saved folder with plain transformers and compare it with base + adapter.
 
-    with torch.no_grad():
-        out = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                    use_cache=False)
-    # float64: a float32 copy would round float64 logits to ~4e-6 at magnitude 40.
-    return out.logits[0].double().cpu()
-
-
-def compare_models(merged, reference, samples: list[dict], reference_device: str = "cpu",
-                   merged_device: str = "cpu") -> tuple[float, float, float, int]:
-    """Run both models on the samples, one at a time (no padding to disagree about).
-
-    Returns:
-        ``(max_abs_logit_diff, ppl_merged, ppl_reference, supervised_tokens)``.
+    Both sides run in the same dtype, as plain library modules in eval mode (checked), on the
+    same samples, one at a time, in this process's thread setting; the result says so.
     """
-    import torch
-    import torch.nn.functional as F
-
-    max_diff, nll_m, nll_r, count = 0.0, 0.0, 0.0, 0
-    for s in samples:
-        ids = torch.tensor([s["input_ids"]])
-        labels = torch.tensor(s["labels"][1:])
-        mask = labels != -100
-        lm = _logits(merged, ids, merged_device)
-        lr = _logits(reference, ids, reference_device)
-        diff = float((lm - lr).abs().max())
-        # max() would silently keep the old value against a NaN.
-        max_diff = max(max_diff, diff) if math.isfinite(diff) else math.inf
-        nll_m += float(F.cross_entropy(lm[:-1][mask], labels[mask], reduction="sum"))
-        nll_r += float(F.cross_entropy(lr[:-1][mask], labels[mask], reduction="sum"))
-        count += int(mask.sum())
-    if count == 0:
-        raise UserError("verification found no supervised tokens in the samples.")
-    return max_diff, math.exp(nll_m / count), math.exp(nll_r / count), count
-
-
-def _verify(folder: Path, reference, cfg, check: Check, data) -> Verification:
-    """Load the saved folder with plain transformers and compare it with base + adapter."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -471,14 +392,19 @@ def _verify(folder: Path, reference, cfg, check: Check, data) -> Verification:
     if check.kind == "logits":
         # float32 evaluation noise is as large as the bound; float64 leaves only the merge.
         dtype = torch.float64
-        reference.model.to(dtype)
+    if cfg.model.quantization == "none":
+        reference.model.to(dtype)  # exact: float32 weights upcast
     merged = AutoModelForCausalLM.from_pretrained(
         str(folder), dtype=dtype, attn_implementation=cfg.model.attn_implementation)
     merged.eval()
-    diff, ppl_m, ppl_r, tokens = compare_models(merged, reference.model, samples,
-                                                reference.device)
+    check_plain(merged, dtype, "the merged model")
+    check_plain(reference.model, dtype, "base + adapter")
+    setup = evaluation_setup(merged, reference.model, reference.how, samples)
+    diff, ppl_m, ppl_r, tokens, worst = compare_models(merged, reference.model, samples,
+                                                       reference.device)
+    setup["worst"] = list(worst)
     return Verification(check, _dtype_name(dtype), len(samples), source, tokens, diff, ppl_m,
-                        ppl_r)
+                        ppl_r, setup)
 
 
 def _saved_dtype(folder: str, dtype: str | None) -> tuple[str, str]:
@@ -558,12 +484,13 @@ def run_merge(run_dir, out, base: str = "auto", dtype: str | None = None, verify
               flush=True)
     # Read the data before any heavy work, so a missing file fails in seconds.
     data = held_out_samples(cfg, tokenizer, samples, opened.stage) if verify else None
-    reference = _load_reference(cfg, run) if (verify or mode == "dequantized") else None
+    reference = _load_reference(cfg, run, folder) if (verify or mode == "dequantized") else None
     tmp = _tmp_name(out_path)
     shutil.rmtree(tmp, ignore_errors=True)
     # Any failure (a full disk, a failed check, Ctrl-C) removes the temporary folder.
     with writing("the merged model", out_path, _FIX, temporary=[tmp]):
-        merged = build_merged_model(cfg, run, folder, mode, reference)
+        with pinned_float32():
+            merged = build_merged_model(cfg, run, folder, mode, reference)
         write_model_folder(tmp, merged, tokenizer, cfg.data.template, _torch_dtype(out_dtype))
         del merged
         gc.collect()

@@ -122,3 +122,22 @@ def test_ppo_arithmetic_recipe_starts_learning_and_merges(tmp_path, capsys):
     assert "8 prompts (eval split of" in said and "greedy answers identical 8/8" in said
     field = gguf.GGUFReader(str(out)).fields["tokenizer.chat_template"]
     assert bytes(field.parts[field.data[0]]).decode() == (run / "chat_template.jinja").read_text()
+
+
+def test_alpaca_three_steps_merge_and_export_repeat_exactly(tmp_path, capsys):
+    """Issue 20: the merge check of a 3-step `recipes/alpaca.yaml` run (bf16 base where the CPU
+    has native bf16) gives the same verdict and figure on every merge and export."""
+    import re
+
+    run = tmp_path / "run"
+    assert cli(["sft", "recipes/alpaca.yaml", f"output_dir={run}", "train.max_steps=3",
+                "train.eval_every=0", "train.save_every=0", "train.progress=false"]) == 0
+    capsys.readouterr()
+    assert cli(["merge", str(run), "--out", str(tmp_path / "m0"), "--samples", "4"]) == 0
+    assert cli(["merge", str(run), "--out", str(tmp_path / "m1"), "--samples", "4"]) == 0
+    assert cli(["export", str(run), "--gguf", str(tmp_path / "x.gguf"), "--samples", "4"]) == 0
+    out = capsys.readouterr().out
+    diffs = re.findall(r"max \|logit difference\|\s+(\S+)", out)
+    verdicts = re.findall(r"check\s+max logit difference <= .*: (\w+)", out)
+    assert len(diffs) == 3 and len(set(diffs)) == 1 and verdicts == ["passed"] * 3, out
+    assert float(diffs[0]) < 1e-4

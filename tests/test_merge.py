@@ -272,3 +272,66 @@ def test_merge_refuses_a_reward_model(tmp_path, tiny_model_dir, capsys):
     assert cli(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "m")]) == 2
     assert "is a `rm` run; merge" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def _verify_figures(text: str) -> list[tuple[str, str, str]]:
+    """``(max logit difference, verdict, samples digest)`` of every merge check in ``text``."""
+    import re
+
+    diffs = re.findall(r"max \|logit difference\|\s+(\S+)", text)
+    verdicts = re.findall(r"check\s+max logit difference <= .*: (\w+)", text)
+    digests = re.findall(r"token ids sha256 (\w+)", text)
+    assert len(diffs) == len(verdicts) == len(digests), text
+    return list(zip(diffs, verdicts, digests))
+
+
+def test_merge_and_export_checks_repeat_exactly(lora_run, tmp_path, capsys):
+    """Issue 20: the same run gives the same verdict and figure however often, at any thread
+    count, and whatever autocast the caller left on: both sides are computed the same way."""
+    import torch
+
+    threads = torch.get_num_threads()
+    records, printed = [], ""
+    try:
+        for i, (n, autocast) in enumerate([(threads, False), (1, False), (threads, True)]):
+            torch.set_num_threads(n)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                assert cli(["merge", str(lora_run), "--out", str(tmp_path / f"m{i}")]) == 0
+            records.append(json.loads((tmp_path / f"m{i}" / "llamatune_merge.json")
+                                      .read_text())["verification"])
+            printed += capsys.readouterr().out
+        for i in range(2):
+            assert cli(["export", str(lora_run), "--gguf", str(tmp_path / f"e{i}.gguf")]) == 0
+            printed += capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+    figures = _verify_figures(printed)
+    assert len(figures) == 5 and len(set(figures)) == 1, figures
+    assert figures[0][1] == "passed"
+    assert {(r["max_logit_diff"], r["passed"], r["setup"]["samples_sha256"], tuple(r["setup"]
+            ["worst"])) for r in records} == {(records[0]["max_logit_diff"], True,
+                                               records[0]["setup"]["samples_sha256"],
+                                               tuple(records[0]["setup"]["worst"]))}
+    setup = records[0]["setup"]
+    assert "plain transformers" in setup["merged"] and "peft LoRA" in setup["reference"]
+    assert "dropout off" in setup["reference"] and setup["threads"] == threads
+    assert "base+adapter" in printed and "both sides in float64" in printed
+
+
+def test_check_refuses_a_side_not_computed_plainly(lora_run, tiny_model_dir):
+    import torch
+
+    from llamatune._merge_check import check_plain, plain_reference
+    from llamatune.fused import install
+
+    ref = plain_reference(str(tiny_model_dir), lora_run, trust_remote_code=False,
+                          attn_implementation="sdpa")
+    check_plain(ref, torch.float32, "base + adapter")  # plain, eval, float32: accepted
+    with pytest.raises(RuntimeError, match="training mode"):
+        check_plain(ref.train(), torch.float32, "base + adapter")
+    ref.eval()
+    with pytest.raises(RuntimeError, match="float32 parameters, not torch.float64"):
+        check_plain(ref, torch.float64, "base + adapter")
+    install(ref)
+    with pytest.raises(RuntimeError, match="fused forward"):
+        check_plain(ref, torch.float32, "base + adapter")
