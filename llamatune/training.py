@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from llamatune import dist
+from llamatune import _stop, dist
 from llamatune.config import Config, TrainConfig
 from llamatune.errors import UserError
 from llamatune.rundir import checkpoints, latest_checkpoint
@@ -934,6 +934,7 @@ class Loop:
         step = getattr(stage, "iteration", None)
         t_log, tokens_log = time.perf_counter(), 0
         while self.step < self.total_steps:
+            self._stop_point(bar)
             lr = self.scheduler.get_last_lr()[0]
             loss, figures, tokens, grad_norm = step(self) if step else self._window_step()
             self.scheduler.step()
@@ -957,11 +958,28 @@ class Loop:
                 self._log_eval(bar)
             if tc.save_every and self.step % tc.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
+        self._stop_point(bar)
         bar.close()
         # The last step's scheduled evaluation already measured the final model.
         if self.has_eval and not (tc.eval_every and self.step % tc.eval_every == 0):
             self._log_eval(None)
         self.metrics.close()
+
+    def _stop_point(self, bar) -> None:
+        """After a stop signal, checkpoint the steps done and raise ``Interrupted``.
+
+        Every process agrees first (:func:`llamatune._stop.agreed`), so all stop here.
+        """
+        signum = _stop.agreed()
+        if signum is None:
+            return
+        bar.close()
+        self.metrics.close()
+        ckpt = self.run_dir / f"checkpoint-{self.step}"
+        have = dist.all_sum([dist.world().main and ckpt in checkpoints(self.run_dir)])[0]
+        if self.step and not have:  # (the main process's run directory decides for all)
+            ckpt = self.save_checkpoint()
+        raise _stop.Interrupted(signum, self.step, self.total_steps, ckpt if self.step else None)
 
     def evaluate(self) -> dict:
         """The stage's held-out figures, in eval mode and without gradients."""
@@ -1002,10 +1020,17 @@ def run_stage(recipe) -> int:
 
     Returns:
         The process exit code (0).
+
+    Raises:
+        llamatune._stop.Interrupted: A stop signal (the loop's checkpoint, or the final
+            files completed first).
     """
     recipe.setup()
-    recipe.train()
-    recipe.cleanup()
+    with _stop.deferred():  # a signal now stops at a step boundary, or after the final files
+        recipe.train()
+        recipe.cleanup()
+    if (signum := _stop.agreed()) is not None:
+        raise _stop.Interrupted(signum, finished=True)
     if dist.world().main:
         draw_plots(recipe.run_dir)
     return 0
