@@ -174,12 +174,10 @@ def _cmd_train(args) -> int:
     if args.accelerate_config is not None:
         from llamatune import dist
 
-        try:
-            code = dist.launch(args.accelerate_config, args.num_processes,
-                               [args.command, args.recipe, *args.overrides])
-        finally:
-            signum = _stop.received()
-        if signum is None:
+        code = dist.launch(args.accelerate_config, args.num_processes,
+                           [args.command, args.recipe, *args.overrides])
+        signum = _stop.received()
+        if signum is None or code == 0:  # (0: the workers had finished before it came)
             return code
         raise _interrupted(_stop.Interrupted(signum, parent=True), args, cfg)
     if args.num_processes is not None:
