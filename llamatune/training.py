@@ -934,7 +934,7 @@ class Loop:
         step = getattr(stage, "iteration", None)
         t_log, tokens_log = time.perf_counter(), 0
         while self.step < self.total_steps:
-            self._stop_point(bar)
+            _stop_point(self, bar)
             lr = self.scheduler.get_last_lr()[0]
             loss, figures, tokens, grad_norm = step(self) if step else self._window_step()
             self.scheduler.step()
@@ -958,28 +958,12 @@ class Loop:
                 self._log_eval(bar)
             if tc.save_every and self.step % tc.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
-        self._stop_point(bar)
+        _stop_point(self, bar)
         bar.close()
         # The last step's scheduled evaluation already measured the final model.
         if self.has_eval and not (tc.eval_every and self.step % tc.eval_every == 0):
             self._log_eval(None)
         self.metrics.close()
-
-    def _stop_point(self, bar) -> None:
-        """After a stop signal, checkpoint the steps done and raise ``Interrupted``.
-
-        Every process agrees first (:func:`llamatune._stop.agreed`), so all stop here.
-        """
-        signum = _stop.agreed()
-        if signum is None:
-            return
-        bar.close()
-        self.metrics.close()
-        ckpt = self.run_dir / f"checkpoint-{self.step}"
-        have = dist.all_sum([dist.world().main and ckpt in checkpoints(self.run_dir)])[0]
-        if self.step and not have:  # (the main process's run directory decides for all)
-            ckpt = self.save_checkpoint()
-        raise _stop.Interrupted(signum, self.step, self.total_steps, ckpt if self.step else None)
 
     def evaluate(self) -> dict:
         """The stage's held-out figures, in eval mode and without gradients."""
@@ -1013,6 +997,23 @@ class Loop:
             {"epoch": self.epoch, "micro": self.micro, "data_order": self.data_order,
              **({"stage": self.stage.state()} if hasattr(self.stage, "state") else {})},
             self.cfg.train.keep_checkpoints, save_trainable, self.groups)
+
+
+def _stop_point(loop: Loop, bar) -> None:
+    """After a stop signal, checkpoint the steps done and raise ``Interrupted``.
+
+    Every process agrees first (:func:`llamatune._stop.agreed`), so all stop at this step;
+    the main process's run directory says whether its checkpoint is already written.
+    """
+    signum = _stop.agreed()
+    if signum is None:
+        return
+    bar.close()
+    loop.metrics.close()
+    ckpt = loop.run_dir / f"checkpoint-{loop.step}"
+    if loop.step and not dist.all_sum([dist.world().main and ckpt in checkpoints(loop.run_dir)])[0]:
+        ckpt = loop.save_checkpoint()
+    raise _stop.Interrupted(signum, loop.step, loop.total_steps, ckpt if loop.step else None)
 
 
 def run_stage(recipe) -> int:

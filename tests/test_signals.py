@@ -66,7 +66,7 @@ def _ppo_recipe(root, model_dir):
 def _signal_mid_run(cmds, runs, afters, rng, sig=signal.SIGTERM, env=None):
     """Start every command at once; signal each once ``after`` loss rows (summed over its
     ``runs``) are in, plus a random fraction of a step. Returns ``(exit code, stderr)`` each."""
-    env = env or dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: threads only contend
+    # (The threads as in this process: PPO's sampling is sensitive to the reduction order.)
     procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE) for c in cmds]
     waiting = dict(enumerate(procs))
