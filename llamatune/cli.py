@@ -2,7 +2,9 @@
 
 Every command exits 0 on success. A user mistake (:class:`~llamatune.errors.UserError` or
 :class:`~llamatune.config.ConfigError`) prints one paragraph, no traceback, and exits 2; so
-does a write that meets a full disk, a read-only file system or a missing permission.
+does a write that meets a full disk, a read-only file system or a missing permission. A
+training stage or pipeline stopped by SIGINT or SIGTERM (:mod:`llamatune._stop`) names its
+checkpoint and the command that resumes it, and exits 130 or 143.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from llamatune import __version__
+from llamatune import __version__, _stop
 from llamatune.config import ConfigError
 from llamatune.errors import UserError
 
@@ -173,8 +175,12 @@ def _cmd_train(args) -> int:
     if args.accelerate_config is not None:
         from llamatune import dist
 
-        return dist.launch(args.accelerate_config, args.num_processes,
+        code = dist.launch(args.accelerate_config, args.num_processes,
                            [args.command, args.recipe, *args.overrides])
+        signum = _stop.received()
+        if signum is None or code == 0:  # (0: the workers had finished before it came)
+            return code
+        raise _interrupted(_stop.Interrupted(signum, parent=True), args, cfg)
     if args.num_processes is not None:
         raise UserError("--num_processes goes with --accelerate_config NAME (`llamatune ls "
                         "--accelerate`), or use `accelerate launch --num_processes N -m llamatune "
@@ -182,7 +188,30 @@ def _cmd_train(args) -> int:
     if int(os.environ.get("RANK", "0") or 0) > 0:  # under a launcher, the main process speaks
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
     module = importlib.import_module(_TRAIN_STAGES[args.command][0])
-    return module.main(cfg, path)
+    with _stop.handling():
+        try:
+            return module.main(cfg, path)
+        except _stop.Interrupted as e:
+            raise _interrupted(e, args, cfg) from None
+
+
+def _interrupted(e, args, cfg):
+    """``e`` with the checkpoint to resume from and the command that does (``e.rerun``)."""
+    import json
+    import shlex
+
+    from llamatune.rundir import latest_checkpoint
+
+    if e.checkpoint is None and not e.finished:
+        e.checkpoint = latest_checkpoint(Path(cfg.output_dir).expanduser())
+    argv = os.environ.get("LLAMATUNE_ARGV")  # a worker of `--accelerate_config`: its command
+    argv = json.loads(argv) if argv else [args.command, args.recipe, *args.overrides]
+    if e.checkpoint is not None:
+        argv = [a for a in argv if not a.startswith(("resume=", "overwrite="))] + ["resume=true"]
+    head = ("accelerate launch ... -m llamatune" if os.environ.get("LOCAL_RANK") is not None
+            and "LLAMATUNE_ARGV" not in os.environ else "llamatune")
+    e.rerun = f"{head} {shlex.join(argv)}"
+    return e
 
 
 def _is_pipeline(path: str) -> bool:
@@ -197,9 +226,21 @@ def _is_pipeline(path: str) -> bool:
 
 
 def _cmd_pipeline(args) -> int:
+    import shlex
+
     from llamatune.pipeline import run_pipeline
 
-    return run_pipeline(_recipe_path(args.recipe), args.overrides, args.from_stage)
+    with _stop.handling():
+        try:
+            return run_pipeline(_recipe_path(args.recipe), args.overrides, args.from_stage)
+        except _stop.Interrupted as e:
+            # --from again only while its stage has nothing to resume (it would redo that too).
+            again = args.from_stage is not None and e.stage == args.from_stage \
+                and e.checkpoint is None and not e.finished
+            argv = ["pipeline", args.recipe, *args.overrides,
+                    *(["--from", args.from_stage] if again else [])]
+            e.rerun = f"llamatune {shlex.join(argv)}"
+            raise
 
 
 def _cmd_validate(args) -> int:
@@ -385,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``llamatune`` console script.
 
     Returns:
-        The exit code: 0 success, 2 user error, 130 interrupted.
+        The exit code: 0 success, 2 user error, 130 interrupted (SIGINT), 143 stopped by
+        SIGTERM.
     """
     args, extra = _parser().parse_known_args(argv)
     if extra:  # key=value overrides after an option (`sft R --accelerate_config ddp k=v`)
@@ -416,6 +458,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError) as e:
         print(f"llamatune {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except _stop.Interrupted as e:  # SIGINT or SIGTERM while handled: said where it stopped
+        if int(os.environ.get("RANK", "0") or 0) > 0:  # under a launcher, the main one speaks
+            return e.code
+        print(e.report(f"llamatune {args.command}", getattr(e, "rerun", "")), file=sys.stderr,
+              flush=True)
+        return e.code
     except KeyboardInterrupt:
         print(f"llamatune {args.command}: interrupted", file=sys.stderr)
         return 130

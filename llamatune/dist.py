@@ -698,9 +698,18 @@ def launch(config: str, num_processes: int | None, argv: list[str]) -> int:
         argv: The llamatune command line to run in every process (``sft RECIPE k=v ...``).
 
     Returns:
-        The launcher's exit code.
+        The launcher's exit code (after a stop signal the caller asks
+        :func:`llamatune._stop.received`).
+
+    The launcher runs in a session of its own, so a terminal's Ctrl-C reaches this process
+    only, which passes a stop signal on to the workers (:func:`llamatune._stop.forwarding`):
+    they agree on a step, write a checkpoint and exit; a second signal ends them all at once.
+    The command line is handed to the workers (``LLAMATUNE_ARGV``) for their resume message.
     """
+    import json
     import subprocess
+
+    from llamatune import _stop
 
     path = launch_config(config)
     _check_launch_config(path)
@@ -709,4 +718,9 @@ def launch(config: str, num_processes: int | None, argv: list[str]) -> int:
         cmd += ["--num_processes", str(num_processes)]
     cmd += ["-m", "llamatune", *argv]
     print("launching: accelerate launch " + " ".join(cmd[4:]), flush=True)
-    return subprocess.run(cmd, check=False).returncode
+    own = [*argv, "--accelerate_config", config] + (
+        ["--num_processes", str(num_processes)] if num_processes is not None else [])
+    env = dict(os.environ, LLAMATUNE_ARGV=json.dumps(own))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    with _stop.forwarding(proc):
+        return proc.wait()

@@ -21,7 +21,9 @@ function. Every stage's config and data are checked before the first stage start
 A rerun is cheap: a stage whose folder holds a finished run with the same resolved config
 (and whose inputs, the stages before it, did not change) is skipped; an interrupted one
 resumes from its last checkpoint; one whose config changed is refused, naming the keys,
-unless ``--from STAGE`` redoes the pipeline from there. At the end a table (stage, status,
+unless ``--from STAGE`` redoes the pipeline from there. A stop signal (SIGTERM, SIGINT) ends
+the running stage at a step boundary with a checkpoint (:mod:`llamatune._stop`); the rerun
+resumes it. At the end a table (stage, status,
 wall time, key figure, folder) is printed and saved as ``OUTPUT_DIR/summary.json``.
 """
 
@@ -38,6 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamatune import _stop
 from llamatune.config import Config, ConfigError, config_to_dict, flatten, load_config, read_recipe
 from llamatune.errors import UserError
 
@@ -300,7 +303,15 @@ def _run_stage(plan: Plan, how: str) -> None:
         for p in plan.folder.glob("checkpoint-*"):
             shutil.rmtree(p, ignore_errors=True)
     module = importlib.import_module(plan.module)
-    module.main(cfg, plan.recipe_path)
+    try:
+        module.main(cfg, plan.recipe_path)
+    except _stop.Interrupted as e:  # a stop signal: the rerun resumes this stage
+        from llamatune.rundir import latest_checkpoint
+
+        e.stage = plan.command
+        if e.checkpoint is None and not e.finished:
+            e.checkpoint = latest_checkpoint(plan.folder)
+        raise
 
 
 def _headline(folder: Path) -> str:
@@ -346,32 +357,35 @@ def run_pipeline(path: str, overrides: list[str] | None = None,
     state = _state(out_dir)
     rows, upstream_ran = [], False
     redo_from = STEPS.index(from_stage) if from_stage else len(STEPS)
-    for plan in plans:
-        redo = STEPS.index(plan.command) >= redo_from
-        how = _decide(plan, redo, upstream_ran, state)
-        t = time.perf_counter()
-        if how == "skip":
-            print(f"pipeline: {plan.command} skipped ({plan.folder} is finished, same config)",
-                  flush=True)
-            wall = state.get(plan.command, {}).get("wall_s")
-        else:
-            print(f"pipeline: {plan.command} {'resumes' if how == 'resume' else 'runs'} in "
-                  f"{plan.folder}", flush=True)
-            _run_stage(plan, how)
-            wall = time.perf_counter() - t
-            state[plan.command] = {"inputs": _inputs(plan), "wall_s": wall}
-            _write_json(out_dir / "pipeline_state.json", state)
-            upstream_ran = True
-            _release_memory()
-        rows.append({"stage": plan.command, "status": "skipped" if how == "skip" else
-                     ("resumed" if how == "resume" else "ran"), "wall_s": wall,
-                     "key_figure": _headline(plan.folder),
-                     "folder": str(plan.folder)})
+    with _stop.stage("the step between two stages"):  # a stage names itself (_run_stage)
+        for plan in plans:
+            redo = STEPS.index(plan.command) >= redo_from
+            how = _decide(plan, redo, upstream_ran, state)
+            t = time.perf_counter()
+            if how == "skip":
+                print(f"pipeline: {plan.command} skipped ({plan.folder} is finished, same config)",
+                      flush=True)
+                wall = state.get(plan.command, {}).get("wall_s")
+            else:
+                print(f"pipeline: {plan.command} {'resumes' if how == 'resume' else 'runs'} in "
+                      f"{plan.folder}", flush=True)
+                _run_stage(plan, how)
+                wall = time.perf_counter() - t
+                state[plan.command] = {"inputs": _inputs(plan), "wall_s": wall}
+                _write_json(out_dir / "pipeline_state.json", state)
+                upstream_ran = True
+                _release_memory()
+            rows.append({"stage": plan.command, "status": "skipped" if how == "skip" else
+                         ("resumed" if how == "resume" else "ran"), "wall_s": wall,
+                         "key_figure": _headline(plan.folder),
+                         "folder": str(plan.folder)})
     if merge is not False:
-        rows.append(_merge(plans[-1].folder, out_dir / "merged", merge, state,
-                           upstream_ran or redo_from <= STEPS.index("merge")))
+        with _stop.stage("merge"):  # (written under a temporary name: abandoned cleanly)
+            rows.append(_merge(plans[-1].folder, out_dir / "merged", merge, state,
+                               upstream_ran or redo_from <= STEPS.index("merge")))
         _write_json(out_dir / "pipeline_state.json", state)
-    held = _held_out(plans, out_dir, state)
+    with _stop.stage("the held-out check"):
+        held = _held_out(plans, out_dir, state)
     if held is not None:
         rows.append(held)
         _write_json(out_dir / "pipeline_state.json", state)

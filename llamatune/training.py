@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from llamatune import _atomic, dist
+from llamatune import _atomic, _stop, dist
 from llamatune.config import Config, TrainConfig
 from llamatune.errors import UserError
 from llamatune.rundir import checkpoints, latest_checkpoint
@@ -980,6 +980,7 @@ class Loop:
         step = getattr(stage, "iteration", None)
         t_log, tokens_log = time.perf_counter(), 0
         while self.step < self.total_steps:
+            _stop_point(self, bar)
             lr = self.scheduler.get_last_lr()[0]
             loss, figures, tokens, grad_norm = step(self) if step else self._window_step()
             self.scheduler.step()
@@ -1003,6 +1004,7 @@ class Loop:
                 self._log_eval(bar)
             if tc.save_every and self.step % tc.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
+        _stop_point(self, bar)
         bar.close()
         # The last step's scheduled evaluation already measured the final model.
         if self.has_eval and not (tc.eval_every and self.step % tc.eval_every == 0):
@@ -1043,15 +1045,39 @@ class Loop:
             self.cfg.train.keep_checkpoints, save_trainable, self.groups)
 
 
+def _stop_point(loop: Loop, bar) -> None:
+    """After a stop signal, checkpoint the steps done and raise ``Interrupted``.
+
+    Every process agrees first (:func:`llamatune._stop.agreed`), so all stop at this step;
+    the main process's run directory says whether its checkpoint is already written.
+    """
+    signum = _stop.agreed()
+    if signum is None:
+        return
+    bar.close()
+    loop.metrics.close()
+    ckpt = loop.run_dir / f"checkpoint-{loop.step}"
+    if loop.step and not dist.all_sum([dist.world().main and ckpt in checkpoints(loop.run_dir)])[0]:
+        ckpt = loop.save_checkpoint()
+    raise _stop.Interrupted(signum, loop.step, loop.total_steps, ckpt if loop.step else None)
+
+
 def run_stage(recipe) -> int:
     """Run a stage start to end (setup, the loop, the final files), then draw its plots.
 
     Returns:
         The process exit code (0).
+
+    Raises:
+        llamatune._stop.Interrupted: A stop signal (the loop's checkpoint, or the final
+            files completed first).
     """
     recipe.setup()
-    recipe.train()
-    recipe.cleanup()
+    with _stop.deferred():  # a signal now stops at a step boundary, or after the final files
+        recipe.train()
+        recipe.cleanup()
+    if (signum := _stop.agreed()) is not None:
+        raise _stop.Interrupted(signum, finished=True)
     if dist.world().main:
         draw_plots(recipe.run_dir)
     return 0
