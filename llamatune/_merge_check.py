@@ -143,18 +143,19 @@ def pinned_float32():
         torch.set_float32_matmul_precision(before)
 
 
-def plain_reference(folder: str, run, *, trust_remote_code: bool, attn_implementation: str):
+def plain_reference(folder: str, run, *, model_cfg, attn_implementation: str):
     """Base + adapter as plain transformers + peft modules, float32 weights, LoRA dropout off.
 
     Built by the same ``from_pretrained`` call as the merged model's base, so the two sides
-    differ only by the merge.
+    differ only by the merge. ``model_cfg`` is the run's ``model`` section (only its
+    ``trust_remote_code`` is read).
     """
     import torch
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, trust_remote_code=trust_remote_code,
+        folder, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code,
         attn_implementation=attn_implementation)
     config = PeftConfig.from_pretrained(str(run))
     if hasattr(config, "lora_dropout"):
@@ -172,7 +173,7 @@ def drop_lora_dropout(model) -> None:
         drops = getattr(mod, "lora_dropout", None)
         if isinstance(drops, torch.nn.ModuleDict):
             for key in list(drops.keys()):
-                drops[key] = torch.nn.Identity()
+                drops[key] = torch.nn.Identity().train(mod.training)
 
 
 def check_plain(model, dtype, side: str) -> None:

@@ -206,7 +206,7 @@ def _load_reference(cfg, run: Path, folder: str) -> Reference:
     inference kernel computes in bf16).
     """
     if cfg.model.quantization == "none":
-        model = plain_reference(folder, run, trust_remote_code=cfg.model.trust_remote_code,
+        model = plain_reference(folder, run, model_cfg=cfg.model,
                                 attn_implementation=cfg.model.attn_implementation)
         return Reference(model, "cpu", "plain transformers base from its float32 weights + "
                          "peft LoRA layers (unmerged, dropout off)")
@@ -216,6 +216,7 @@ def _load_reference(cfg, run: Path, folder: str) -> Reference:
                                adapter=None, dtype="float32", compute_dtype="float32")
     loaded = load_model(mcfg, None, adapter=str(run), trainable=False, cpu_4bit_packing=False)
     drop_lora_dropout(loaded.model)
+    loaded.model.eval()
     return Reference(loaded.model, loaded.device, f"{cfg.model.quantization} base through "
                      f"llamatune's loader ({loaded.kernels or 'bitsandbytes'}) + peft LoRA "
                      "layers (unmerged, dropout off)")
