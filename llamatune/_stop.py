@@ -138,6 +138,19 @@ def _on_signal(signum, frame) -> None:
 
 
 @contextlib.contextmanager
+def _handlers(handler):
+    """``handler`` for every signal of :data:`SIGNALS` inside the block, the old ones after."""
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    for s in SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
 def handling():
     """Stop politely on SIGINT and SIGTERM in the body (see the module docstring).
 
@@ -149,17 +162,13 @@ def handling():
         return
     from llamatune.dist import launched
 
-    before = {s: signal.getsignal(s) for s in SIGNALS}
     _S.installed, _S.mode, _S.signum, _S.pid = True, "raise", None, os.getpid()
     _S.repeat_ok = launched()
     _S.quiet = int(os.environ.get("RANK", "0") or 0) > 0
-    for s in SIGNALS:
-        signal.signal(s, _on_signal)
     try:
-        yield
+        with _handlers(_on_signal):
+            yield
     finally:
-        for s, h in before.items():
-            signal.signal(s, h)
         _S.installed, _S.mode = False, "raise"
 
 
@@ -258,12 +267,6 @@ def forwarding(proc):
              "checkpoint; the newest complete one is kept")
         os._exit(128 + signum)
 
-    before = {s: signal.getsignal(s) for s in SIGNALS}
     _S.signum, _S.quiet = None, False
-    for s in SIGNALS:
-        signal.signal(s, on_signal)
-    try:
+    with _handlers(on_signal):
         yield
-    finally:
-        for s, h in before.items():
-            signal.signal(s, h)
