@@ -322,9 +322,10 @@ def test_check_refuses_a_side_not_computed_plainly(lora_run, tiny_model_dir):
     import torch
 
     from llamatune._merge_check import check_plain, plain_reference
+    from llamatune.config import ModelConfig
     from llamatune.fused import install
 
-    ref = plain_reference(str(tiny_model_dir), lora_run, trust_remote_code=False,
+    ref = plain_reference(str(tiny_model_dir), lora_run, model_cfg=ModelConfig(),
                           attn_implementation="sdpa")
     check_plain(ref, torch.float32, "base + adapter")  # plain, eval, float32: accepted
     with pytest.raises(RuntimeError, match="training mode"):
