@@ -396,26 +396,26 @@ class MetricsWriter:
         alarms = self.monitor.observe(row) if self.monitor is not None else []
         if not self.enabled:
             return
-        with _atomic.writing(f"a row of {self.path.name}", self.path.parent, self._fix):
-            _atomic.append_text(self.path, json.dumps(row) + "\n")
+        self._append([row, *alarms], alarms)
         if self.trackers is not None:
             self.trackers.log(row)
-        self._alarm(alarms)
 
-    def _alarm(self, alarms: list[dict]) -> None:
+    def _append(self, rows: list[dict], alarms: list[dict]) -> None:
+        """One append of ``rows`` (a figure row and the alarms it tripped), then the alarms said."""
         from llamatune.health import announce
 
-        if alarms and self.enabled:
-            with _atomic.writing(f"an alarm row of {self.path.name}", self.path.parent,
-                                 self._fix):
-                _atomic.append_text(self.path, "".join(json.dumps(a) + "\n" for a in alarms))
-            for a in alarms:
-                announce(a)
+        if not rows or not self.enabled:
+            return
+        with _atomic.writing(f"a row of {self.path.name}", self.path.parent, self._fix):
+            _atomic.append_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        for a in alarms:
+            announce(a)
 
     def close(self) -> None:
         """Check the end-of-run alarms and finish the trackers (the file needs nothing)."""
         if self.monitor is not None:
-            self._alarm(self.monitor.finish())
+            alarms = self.monitor.finish()
+            self._append(alarms, alarms)
             self.monitor = None
         if self.trackers is not None:
             self.trackers.close()
