@@ -80,13 +80,14 @@ class _HeadLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk, want_entropy):
+    def forward(ctx, hidden, weight, labels, temperature, chunk, want_entropy, entropy_grad):
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         acc = torch.promote_types(hidden.dtype, torch.float32)
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=acc, device=hidden.device)
         entropy = torch.empty(n, dtype=acc, device=hidden.device) if want_entropy else None
         grad_h = torch.empty_like(hidden) if need_h else None
+        ent_h = torch.empty_like(hidden) if need_h and entropy_grad else None
         for i in range(0, n, chunk):
             h, y = hidden[i : i + chunk], labels[i : i + chunk]
             z = (h @ weight.t()).to(acc)
@@ -100,7 +101,14 @@ class _HeadLogprobs(torch.autograd.Function):
             logp[i : i + chunk] = target - lse
             p.div_(norm[:, None])
             if entropy is not None:
-                entropy[i : i + chunk] = lse - (p * z).sum(dim=1)
+                ent = lse - (p * z).sum(dim=1)
+                entropy[i : i + chunk] = ent
+                if ent_h is not None:
+                    # d H / d z = -p (log p + H) / T, with log p = z - lse.
+                    d = z.sub_(lse[:, None]).add_(ent[:, None]).mul_(p).neg_()
+                    if temperature != 1.0:
+                        d.div_(temperature)
+                    torch.mm(d.to(hidden.dtype), weight, out=ent_h[i : i + chunk])
             if need_h:
                 # d logp / d z = (onehot - p) / T, built in place in p.
                 p.neg_()
@@ -108,18 +116,23 @@ class _HeadLogprobs(torch.autograd.Function):
                 if temperature != 1.0:
                     p.div_(temperature)
                 torch.mm(p.to(hidden.dtype), weight, out=grad_h[i : i + chunk])
-        ctx.save_for_backward(grad_h, hidden if need_w else None, weight if need_w else None,
-                              labels if need_w else None)
+        keep_w = need_w
+        ctx.save_for_backward(grad_h, ent_h, hidden if keep_w else None,
+                              weight if keep_w else None, labels if keep_w else None,
+                              entropy if keep_w and entropy_grad else None)
         ctx.temperature, ctx.chunk, ctx.weight_dtype = temperature, chunk, weight.dtype
         if entropy is None:
             return logp, logp.new_zeros(0)
-        ctx.mark_non_differentiable(entropy)
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
-        grad_h, hidden, weight, labels = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_entropy):
+        grad_h, ent_h, hidden, weight, labels, entropy = ctx.saved_tensors
         gh = grad_h * grad_logp[:, None].to(grad_h.dtype) if grad_h is not None else None
+        if ent_h is not None and grad_entropy is not None and grad_entropy.numel():
+            gh = gh + ent_h * grad_entropy[:, None].to(ent_h.dtype)
         gw = None
         if weight is not None:
             acc = torch.promote_types(hidden.dtype, torch.float32)
@@ -128,15 +141,22 @@ class _HeadLogprobs(torch.autograd.Function):
             for i in range(0, hidden.shape[0], ctx.chunk):
                 h, y = hidden[i : i + ctx.chunk], labels[i : i + ctx.chunk]
                 z = (h @ weight.t()).to(acc) / t
-                p = torch.softmax(z, dim=1).neg_()
-                p[torch.arange(len(y), device=p.device), y] += 1
-                p.mul_(grad_logp[i : i + ctx.chunk, None].to(acc) / t)
-                gw.addmm_(p.t(), h.to(acc))
+                logsm = torch.log_softmax(z, dim=1)
+                p = logsm.exp()
+                g = -p
+                g[torch.arange(len(y), device=p.device), y] += 1
+                g.mul_(grad_logp[i : i + ctx.chunk, None].to(acc) / t)
+                if entropy is not None and grad_entropy is not None and grad_entropy.numel():
+                    ent = entropy[i : i + ctx.chunk, None].to(acc)
+                    ge = grad_entropy[i : i + ctx.chunk, None].to(acc)
+                    g.sub_(p * (logsm + ent) * ge / t)
+                gw.addmm_(g.t(), h.to(acc))
             gw = gw.to(ctx.weight_dtype)
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
-def head_logprobs(hidden, weight, labels, temperature: float = 1.0, entropy: bool = False):
+def head_logprobs(hidden, weight, labels, temperature: float = 1.0, entropy: bool = False,
+                  entropy_grad: bool = False):
     """Per-row log-probabilities of ``labels`` under ``softmax(hidden @ weight.T / temperature)``.
 
     Never makes an ``[n, vocab]`` tensor beyond one chunk (about 64 MiB of fp32 logits).
@@ -146,7 +166,9 @@ def head_logprobs(hidden, weight, labels, temperature: float = 1.0, entropy: boo
         weight: ``[vocab, d]`` output-head weight (no bias).
         labels: ``[n]`` token ids.
         temperature: Divides the logits (sampling temperature; PPO trains at it too).
-        entropy: Also return each row's entropy (no gradient).
+        entropy: Also return each row's entropy (no gradient unless ``entropy_grad``).
+        entropy_grad: Let the entropies carry gradients (an entropy bonus in a loss); costs
+            one more ``[n, d]`` tensor and one more head product per chunk.
 
     Returns:
         ``logp`` (``[n]``, float32 at least, differentiable), and with ``entropy`` the
@@ -155,5 +177,7 @@ def head_logprobs(hidden, weight, labels, temperature: float = 1.0, entropy: boo
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     chunk = max(1, _CHUNK_ELEMENTS // weight.shape[0])
-    logp, ent = _HeadLogprobs.apply(hidden, weight, labels, float(temperature), chunk, entropy)
+    logp, ent = _HeadLogprobs.apply(hidden, weight, labels, float(temperature), chunk,
+                                    entropy or entropy_grad, entropy_grad)
+    entropy = entropy or entropy_grad
     return (logp, ent) if entropy else logp

@@ -349,6 +349,13 @@ class PPOConfig:
     """Adaptive KL coefficient: steer the mean KL towards this (``null``: fixed coefficient)."""
     kl_horizon: int = 10000
     """How fast the adaptive coefficient moves (in sequences)."""
+    kl_loss_coef: float = 0.0
+    """Weight of a KL term against the reference in the policy loss (the ``k3`` estimator, as in
+    GRPO), an anchor that keeps sampling close to the starting model; unlike ``kl_coef`` it
+    leaves the reward alone, so the one-pass update (see ``epochs``) still holds."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus in the policy loss (mean entropy per response token, in
+    nats): keeps the policy exploring, so a prompt's ``k`` answers keep disagreeing."""
     max_kl: float | None = None
     """Stop the run (keeping the last checkpoint) when an iteration's mean KL exceeds this."""
     gamma: float = 1.0
@@ -389,8 +396,9 @@ class PPOConfig:
             out.append(("ppo.temperature", f"must be > 0, got {self.temperature}"))
         if not 0 < self.top_p <= 1:
             out.append(("ppo.top_p", f"must be in (0, 1], got {self.top_p}"))
-        if self.kl_coef < 0:
-            out.append(("ppo.kl_coef", f"must be >= 0, got {self.kl_coef}"))
+        for key in ("kl_coef", "kl_loss_coef", "entropy_coef"):
+            if getattr(self, key) < 0:
+                out.append((f"ppo.{key}", f"must be >= 0, got {getattr(self, key)}"))
         for key in ("gamma", "lam"):
             if not 0 <= getattr(self, key) <= 1:
                 out.append((f"ppo.{key}", f"must be in [0, 1], got {getattr(self, key)}"))

@@ -119,8 +119,11 @@ class Net(torch.nn.Module):
 
     # -- the ops -----------------------------------------------------------------------------
     def forward(self, op: str, batch: dict, *, adapter: str | None = None, head: str = "score",
-                temperature: float = 1.0, entropy: bool = False, values: str | None = None):
+                temperature: float = 1.0, entropy: bool | str = False, values: str | None = None):
         """Run one named op (see the module docstring); ``adapter`` picks the weights.
+
+        ``entropy=True`` with ``logprobs`` also returns each predicted position's entropy
+        (detached); ``entropy="grad"`` lets it carry gradients (PPO's entropy bonus).
 
         ``values=HEAD`` with ``logprobs`` also returns that head's values at every position
         that predicts a token (``[n, T - 1]``, PPO's critic on the policy's hidden states).
@@ -170,13 +173,16 @@ class Net(torch.nn.Module):
         if not self.head_by_call and type(out) is torch.nn.Linear and out.bias is None:
             from llamatune._head_loss import head_logprobs
 
-            res = head_logprobs(h, out.weight, y, temperature, entropy)
+            res = head_logprobs(h, out.weight, y, temperature, entropy=bool(entropy),
+                                entropy_grad=entropy == "grad")
             logp, ent = res if entropy else (res, None)
         else:
             logits = out(h).float() / temperature
             logsm = torch.log_softmax(logits, dim=-1)
             logp = logsm.gather(1, y[:, None]).squeeze(1)
-            ent = -(logsm.exp() * logsm).sum(-1).detach() if entropy else None
+            ent = -(logsm.exp() * logsm).sum(-1) if entropy else None
+            if ent is not None and entropy != "grad":
+                ent = ent.detach()
         n = labels.shape[0]
         rows = mask.nonzero()[:, 0]
         if "pred_side" in batch:  # per side: chosen rows first, then rejected

@@ -355,6 +355,45 @@ def test_head_logprobs_match_log_softmax_with_temperature():
         head_logprobs(h, w, y, 0.0)
 
 
+def test_head_entropy_gradient_matches_autograd():
+    """The entropy bonus's gradient (PPO ``entropy_coef``) through the chunked head."""
+    from llamatune import _head_loss
+    from llamatune._head_loss import head_logprobs
+
+    torch.manual_seed(1)
+    h = torch.randn(11, 6, dtype=torch.double, requires_grad=True)
+    w = torch.randn(17, 6, dtype=torch.double, requires_grad=True)
+    y = torch.randint(0, 17, (11,))
+
+    def both(a, b):
+        logp, ent = head_logprobs(a, b, y, 0.8, entropy_grad=True)
+        return logp, ent
+
+    assert torch.autograd.gradcheck(both, (h, w))
+    # Chunks smaller than the rows: the same values and gradients.
+    gl, ge = torch.randn(11, dtype=torch.double), torch.randn(11, dtype=torch.double)
+    logp, ent = both(h, w)
+    ga, gb = torch.autograd.grad((logp * gl).sum() + (ent * ge).sum(), (h, w))
+    before = _head_loss._CHUNK_ELEMENTS
+    _head_loss._CHUNK_ELEMENTS = 17 * 3
+    try:
+        logp2, ent2 = both(h, w)
+        ga2, gb2 = torch.autograd.grad((logp2 * gl).sum() + (ent2 * ge).sum(), (h, w))
+    finally:
+        _head_loss._CHUNK_ELEMENTS = before
+    assert torch.allclose(ent, ent2) and torch.allclose(ga, ga2) and torch.allclose(gb, gb2)
+    # A frozen head (the usual LoRA case): only the hidden states' gradient.
+    h2 = h.detach().clone().requires_grad_(True)
+    _, ent3 = head_logprobs(h2, w.detach(), y, 0.8, entropy_grad=True)
+    (g3,) = torch.autograd.grad((ent3 * ge).sum(), (h2,))
+    z = torch.log_softmax(h2 @ w.detach().t() / 0.8, -1)
+    (want,) = torch.autograd.grad((-(z.exp() * z).sum(-1) * ge).sum(), (h2,))
+    assert torch.allclose(g3, want)
+    # Without entropy_grad the entropies stay detached.
+    _, ent4 = head_logprobs(h, w, y, 0.8, entropy=True)
+    assert not ent4.requires_grad
+
+
 def test_net_logprobs_are_the_models_own():
     """Per-token log-probs of the supervised tokens and their per-sequence sums."""
     from llamatune.net import Net

@@ -301,3 +301,39 @@ def test_one_pass_update_equals_scoring_first(tmp_path, tiny_model_dir, monkeypa
             assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-6)
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-6), k
+
+
+def test_entropy_bonus_and_kl_loss_act_and_keep_the_one_pass(tmp_path, tiny_model_dir):
+    """``ppo.entropy_coef`` keeps the policy's entropy up and ``ppo.kl_loss_coef`` keeps its KL
+    to the reference down, against the same run without them; both keep the one-pass update
+    (ratios exactly 1) and report their terms in the rows."""
+    reward = f"{_reward_file(tmp_path)}:starts_with_t"
+
+    def run(name, **ppo):
+        r, _ = _recipe(tmp_path / name, tiny_model_dir,
+                       ppo={"advantage": "grpo", "k": 8, "rollout_batch": 4, "kl_coef": 0.0,
+                            "max_kl": 1e9, "reward_fn": reward, "max_new_tokens": 4, **ppo},
+                       train={"max_steps": 10, "lr": 2e-2, "batch_size": 16, "grad_accum": 2,
+                              "warmup_steps": 0, "schedule": "constant"},
+                       lora={"r": 8, "alpha": 16})
+        r.setup()
+        assert r._one_pass(2)
+        r.train()
+        r.cleanup()
+        return [x for x in _rows(r.run_dir) if "reward_mean" in x]
+
+    plain = run("plain")
+    ent = run("ent", entropy_coef=0.5)
+    kl = run("kl", kl_loss_coef=2.0)
+    assert "entropy_bonus" not in plain[0] and "kl_loss" not in plain[0]
+    for rows, key in ((ent, "entropy_bonus"), (kl, "kl_loss")):
+        assert all(x["ratio_mean"] == 1.0 and key in x for x in rows)
+
+    def late(rows, key):
+        return sum(x[key] for x in rows[-4:]) / 4
+
+    assert late(ent, "entropy") > late(plain, "entropy") + 0.1, (ent, plain)
+    assert late(kl, "kl") < 0.7 * late(plain, "kl"), (kl, plain)
+    # The bonus is the entropy the update measured, the KL term k3 of the same log-probs.
+    assert ent[0]["entropy_bonus"] == pytest.approx(ent[0]["entropy"], rel=0.05)
+    assert kl[0]["kl_loss"] == pytest.approx(0.0, abs=1e-6)  # the first update starts at ref

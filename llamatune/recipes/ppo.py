@@ -213,7 +213,7 @@ class PPORecipe(training.StageRun):
         n, t = mask.shape
         old, ref = torch.zeros(n, t), torch.zeros(n, t)
         values, entropy = torch.zeros(n, t), torch.zeros(n, t)
-        need_ref = not one_pass or p.max_kl is not None
+        need_ref = not one_pass or p.max_kl is not None or p.kl_loss_coef > 0
         with torch.no_grad():
             for idx in parts:
                 mb, w = self._sub(b, idx)
@@ -287,13 +287,14 @@ class PPORecipe(training.StageRun):
         """``ppo.epochs`` passes of clipped PPO over the rollout, ``train.grad_accum`` parts a step."""
         import torch
 
-        from llamatune.advantages import policy_loss, value_loss
+        from llamatune.advantages import kl_k3, masked_mean, policy_loss, value_loss
         from llamatune.rollout import dense
 
         p, tc = self.cfg.ppo, self.cfg.train
         mask, b = roll["mask"], roll["batch"]
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0,
-                "ratio_mean": 0.0}
+                "ratio_mean": 0.0, "kl_loss": 0.0, "entropy_bonus": 0.0}
+        ent_mode = "grad" if p.entropy_coef > 0 else one_pass
         done = skipped = pending = 0
         grad_norm, loss_acc = None, 0.0
         for epoch in range(p.epochs):
@@ -306,7 +307,7 @@ class PPORecipe(training.StageRun):
                 def part(key, idx=idx, w=w):
                     return scored[key][idx, :w].to(self.device)
 
-                out = self.net("logprobs", mb, temperature=p.temperature, entropy=one_pass,
+                out = self.net("logprobs", mb, temperature=p.temperature, entropy=ent_mode,
                                values="value" if self.gae else None)
                 logp = dense(out["logp"].float(), m)
                 if one_pass:  # the weights that sampled this mini-batch score it
@@ -315,6 +316,13 @@ class PPORecipe(training.StageRun):
                 pg, clipfrac, approx_kl, ratio = policy_loss(logp, part("old"), part("adv"), m,
                                                              p.cliprange)
                 loss = pg
+                kl_term = ent_term = torch.zeros(())
+                if p.kl_loss_coef > 0:
+                    kl_term = masked_mean(kl_k3(logp, part("ref")), m)
+                    loss = loss + p.kl_loss_coef * kl_term
+                if p.entropy_coef > 0:
+                    ent_term = masked_mean(dense(out["entropy"].float(), m), m)
+                    loss = loss - p.entropy_coef * ent_term
                 vf = torch.zeros(())
                 if self.gae:
                     vf = value_loss(out["values"] * m, part("values"), part("returns"), m,
@@ -330,7 +338,9 @@ class PPORecipe(training.StageRun):
                 pending += 1
                 done += 1
                 for k, v in (("policy_loss", float(pg.detach())), ("value_loss", float(vf.detach())),
-                             ("clipfrac", clipfrac), ("approx_kl", approx_kl), ("ratio_mean", ratio)):
+                             ("clipfrac", clipfrac), ("approx_kl", approx_kl), ("ratio_mean", ratio),
+                             ("kl_loss", float(kl_term.detach())),
+                             ("entropy_bonus", float(ent_term.detach()))):
                     sums[k] += v
                 if pending == tc.grad_accum:
                     grad_norm = loop.apply(loss_acc / pending)
@@ -341,7 +351,12 @@ class PPORecipe(training.StageRun):
         figures["skipped"] = skipped
         if not self.gae:
             figures.pop("value_loss")
-        loss = figures["policy_loss"] + (p.vf_coef * figures.get("value_loss", 0.0))
+        for key, coef in (("kl_loss", p.kl_loss_coef), ("entropy_bonus", p.entropy_coef)):
+            if coef == 0:
+                figures.pop(key)
+        loss = (figures["policy_loss"] + p.vf_coef * figures.get("value_loss", 0.0)
+                + p.kl_loss_coef * figures.get("kl_loss", 0.0)
+                - p.entropy_coef * figures.get("entropy_bonus", 0.0))
         return figures, loss, grad_norm
 
     def _rollout_figures(self, roll, scored) -> dict:
