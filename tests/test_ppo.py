@@ -337,3 +337,26 @@ def test_entropy_bonus_and_kl_loss_act_and_keep_the_one_pass(tmp_path, tiny_mode
     # The bonus is the entropy the update measured, the KL term k3 of the same log-probs.
     assert ent[0]["entropy_bonus"] == pytest.approx(ent[0]["entropy"], rel=0.05)
     assert kl[0]["kl_loss"] == pytest.approx(0.0, abs=1e-6)  # the first update starts at ref
+
+
+def test_kl_loss_acts_under_gae(tmp_path, tiny_model_dir):
+    """Under GAE the value loss joins the policy loss without dropping the KL anchor."""
+    reward = f"{_reward_file(tmp_path)}:starts_with_t"
+
+    def run(name, **ppo):
+        r, _ = _recipe(tmp_path / name, tiny_model_dir,
+                       ppo={"advantage": "gae", "rollout_batch": 8, "kl_coef": 0.0,
+                            "max_kl": 1e9, "reward_fn": reward, "max_new_tokens": 4, **ppo},
+                       train={"max_steps": 10, "lr": 2e-2, "batch_size": 8, "grad_accum": 1,
+                              "warmup_steps": 0, "schedule": "constant"},
+                       lora={"r": 8, "alpha": 16})
+        r.setup()
+        r.train()
+        r.cleanup()
+        rows = [x for x in _rows(r.run_dir) if "reward_mean" in x]
+        return sum(x["kl"] for x in rows[-4:]) / 4, rows
+
+    plain, _ = run("plain")
+    kl, rows = run("kl", kl_loss_coef=2.0)
+    assert all("kl_loss" in x and "value_loss" in x for x in rows)
+    assert kl < 0.7 * plain, (kl, plain)

@@ -327,7 +327,7 @@ class PPORecipe(training.StageRun):
                 if self.gae:
                     vf = value_loss(out["values"] * m, part("values"), part("returns"), m,
                                     p.cliprange_value)
-                    loss = pg + p.vf_coef * vf
+                    loss = loss + p.vf_coef * vf
                 # NaN included: nothing learns from it (on any process: their steps stay in step)
                 if dist.all_sum([0.0 if ratio <= p.ratio_threshold else 1.0])[0] > 0:
                     skipped += 1
