@@ -15,18 +15,10 @@ import sys
 from pathlib import Path
 
 from llamatune import __version__, _stop
-from llamatune.config import ConfigError
+from llamatune.config import TRAIN_STAGES, ConfigError
 from llamatune.errors import UserError
 
 __all__ = ["main"]
-
-_TRAIN_STAGES = {
-    "sft": ("llamatune.recipes.sft", "supervised fine-tuning on conversations"),
-    "rm": ("llamatune.recipes.reward", "reward model on preference pairs"),
-    "dpo": ("llamatune.recipes.dpo", "DPO on preference pairs (the offline alternative to RM+PPO)"),
-    "ppo": ("llamatune.recipes.ppo", "PPO (or RLOO/GRPO) against a reward model or a reward rule"),
-}
-
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (a path, or a shipped name from `llamatune ls`)")
@@ -42,8 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--version", action="version", version=f"llamatune {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_) in _TRAIN_STAGES.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+    for name, spec in TRAIN_STAGES.items():
+        p = sub.add_parser(name, help=spec.help, description=spec.help)
         _recipe_args(p)
         p.add_argument("--accelerate_config", "--accelerate-config", default=None,
                        metavar="NAME|PATH", help="run under `accelerate launch` with this config "
@@ -187,7 +179,7 @@ def _cmd_train(args) -> int:
                         f"{args.command} ...`.")
     if int(os.environ.get("RANK", "0") or 0) > 0:  # under a launcher, the main process speaks
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
-    module = importlib.import_module(_TRAIN_STAGES[args.command][0])
+    module = importlib.import_module(TRAIN_STAGES[args.command].module)
     with _stop.handling():
         try:
             return module.main(cfg, path)
@@ -452,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     from llamatune._bnb import quiet_import_noise
 
     quiet_import_noise()
-    handler = _cmd_train if args.command in _TRAIN_STAGES else _COMMANDS[args.command]
+    handler = _cmd_train if args.command in TRAIN_STAGES else _COMMANDS[args.command]
     try:
         return handler(args)
     except (UserError, ConfigError) as e:

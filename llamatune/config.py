@@ -23,7 +23,9 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "PIPELINE_STAGES",
     "STAGES",
+    "TRAIN_STAGES",
     "Config",
     "ConfigError",
     "DPOConfig",
@@ -32,6 +34,7 @@ __all__ = [
     "LoraConfig",
     "ModelConfig",
     "RewardConfig",
+    "StageSpec",
     "TrainConfig",
     "config_to_dict",
     "load_config",
@@ -408,7 +411,36 @@ class PPOConfig:
         return out
 
 
-STAGES = ("sft", "rm", "dpo", "ppo", "pipeline")
+@dataclass(frozen=True)
+class StageSpec:
+    """One training stage of the registry (:data:`TRAIN_STAGES`)."""
+
+    module: str
+    """The module whose ``main(cfg, recipe_path)`` runs it."""
+    data: str
+    """The kind of data it reads (``conversations``, ``pairs``, ``prompts``)."""
+    folder: str
+    """Its folder in a pipeline's output directory."""
+    help: str
+    """One line for ``llamatune --help``."""
+
+
+TRAIN_STAGES = {
+    "sft": StageSpec("llamatune.recipes.sft", "conversations", "sft",
+                     "supervised fine-tuning on conversations"),
+    "rm": StageSpec("llamatune.recipes.reward", "pairs", "reward",
+                    "reward model on preference pairs"),
+    "dpo": StageSpec("llamatune.recipes.dpo", "pairs", "dpo",
+                     "DPO on preference pairs (the offline alternative to RM+PPO)"),
+    "ppo": StageSpec("llamatune.recipes.ppo", "prompts", "ppo",
+                     "PPO (or RLOO/GRPO) against a reward model or a reward rule"),
+}
+"""The stage registry: every training command, read by the CLI, the pipeline and recipes."""
+
+PIPELINE_STAGES = ("sft", "rm", "ppo")
+"""The training stages ``llamatune pipeline`` runs, in order."""
+
+STAGES = (*TRAIN_STAGES, "pipeline")
 """The stage commands a recipe can name in its ``stage:`` key."""
 
 

@@ -22,6 +22,8 @@ import contextlib
 
 import torch
 
+from llamatune.data.collate import is_pair_batch
+
 __all__ = ["BASE", "Net", "lm_loss_sum", "position_ids", "sequence_scores"]
 
 BASE = "base"
@@ -87,7 +89,7 @@ class Net(torch.nn.Module):
         mask = batch.get("attention_mask")
         if mask is not None:
             # A 2-D padding mask as 0/1 integers (a float one would read as additive); a 4-D
-            # boolean mask (pair rows: see llamatune.training.pair_batches) goes as it is.
+            # boolean mask (pair rows: see llamatune.data.collate.pair_batch) goes as it is.
             kwargs["attention_mask"] = mask if mask.dim() == 4 else mask.long()
         if "position_ids" in batch:
             kwargs["position_ids"] = batch["position_ids"]
@@ -158,7 +160,8 @@ class Net(torch.nn.Module):
 
     def _logprobs(self, batch, temperature, entropy, values=None):
         hidden = self._hidden(batch)
-        if "pred_pos" in batch:  # pair rows: explicit (position, label, side) predictions
+        pairs = is_pair_batch(batch)
+        if pairs:  # pair rows: explicit (position, label, side) predictions
             labels = batch["pred_label"]
             mask = labels != -100
             rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(labels)
@@ -185,7 +188,7 @@ class Net(torch.nn.Module):
                 ent = ent.detach()
         n = labels.shape[0]
         rows = mask.nonzero()[:, 0]
-        if "pred_side" in batch:  # per side: chosen rows first, then rejected
+        if pairs:  # per side: chosen rows first, then rejected
             rows = rows + n * batch["pred_side"][mask]
             n = 2 * n
             count = torch.zeros(n, dtype=torch.long, device=logp.device).index_add(
@@ -202,7 +205,7 @@ class Net(torch.nn.Module):
 
     def _score(self, batch, head):
         hidden = self._hidden(batch)
-        if "ends" in batch:  # pair rows: each answer's last token, chosen rows first
+        if is_pair_batch(batch):  # pair rows: each answer's last token, chosen rows first
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             ends = batch["ends"]
             h = torch.cat([hidden[rows, ends[:, 0]], hidden[rows, ends[:, 1]]])

@@ -41,13 +41,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamatune import _stop
-from llamatune.config import Config, ConfigError, config_to_dict, flatten, load_config, read_recipe
+from llamatune.config import (
+    PIPELINE_STAGES,
+    TRAIN_STAGES,
+    Config,
+    ConfigError,
+    config_to_dict,
+    flatten,
+    load_config,
+    read_recipe,
+)
 from llamatune.errors import UserError
 
 __all__ = ["ORDER", "Plan", "check_pipeline", "plan_pipeline", "run_pipeline"]
 
-ORDER = (("sft", "sft", "llamatune.recipes.sft"), ("rm", "reward", "llamatune.recipes.reward"),
-         ("ppo", "ppo", "llamatune.recipes.ppo"))
+ORDER = tuple((c, TRAIN_STAGES[c].folder, TRAIN_STAGES[c].module) for c in PIPELINE_STAGES)
 """``(command, folder, module)`` of each stage, in the order they run."""
 
 STEPS = [c for c, _, _ in ORDER] + ["merge"]

@@ -230,3 +230,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def trainable_state_dict(model) -> dict:
+    """The trainable tensors (adapter and any fully trained modules)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

@@ -21,6 +21,7 @@ from llamatune import training
 from llamatune.cli import main as cli
 from llamatune.config import load_config
 from llamatune.errors import UserError
+from llamatune.rundir import latest_checkpoint
 
 STEPS = 24
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +85,7 @@ def test_kill_9_then_resume_gives_every_loss_row_of_an_uninterrupted_run(
     seed = int(os.environ.get("LLAMATUNE_KILL_SEED", len(stage)))
     _kill_at_random_moment([stage, str(recipe)], run, seed)
     assert not (run / "adapter_model.safetensors").exists()
-    assert training.latest_checkpoint(run) is not None
+    assert latest_checkpoint(run) is not None
     assert cli([stage, str(recipe), "resume=true"]) == 0
     got = _loss_rows(run)
     assert [s for s, _ in got] == [s for s, _ in want]

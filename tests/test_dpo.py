@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from conftest import make_recipe, write_jsonl
+from conftest import make_recipe, trainable_state_dict, write_jsonl
 from test_reward import _pairs
 
 from llamatune.cli import main as cli
 from llamatune.config import load_config
 from llamatune.recipes.dpo import DPORecipe, dpo_loss
-from llamatune.training import pair_batches, trainable_state_dict
+from llamatune.training import pair_batches
 
 
 def _recipe(tmp_path, tiny_model_dir, **extra):

@@ -60,7 +60,7 @@ def test_bf16_sft_keeps_fp32_master_weights_and_states(tmp_path, tiny_model_dir,
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     assert any(p.dtype == torch.bfloat16 for p in frozen)
     r.train()
-    for state in r.loop.optimizer.state.values():
+    for state in r.loop.updates.optimizer.state.values():
         assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
     # The same run on the fp32 path: the bf16 base moves each loss by bf16 rounding only.
     path32 = make_recipe(tmp_path / "fp32", tiny_model_dir, alpaca_file, model={"dtype": "float32"},

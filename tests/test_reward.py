@@ -4,14 +4,14 @@ import json
 import random
 
 import pytest
-from conftest import WORDS, make_recipe, write_jsonl
+from conftest import WORDS, make_recipe, trainable_state_dict, write_jsonl
 
 from llamatune.cli import main as cli
 from llamatune.config import load_config
 from llamatune.net import sequence_scores as sequence_rewards
 from llamatune.recipes.reward import RewardRecipe
 from llamatune.score import load_reward_model
-from llamatune.training import pair_batches, trainable_state_dict
+from llamatune.training import pair_batches
 
 TOPICS = ["cat", "dog", "sun", "moon", "water", "sky", "python", "paris"]
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from llamatune import training
 from llamatune.config import Config
+from llamatune.recipes import BatchStage
 
 __all__ = ["DPORecipe", "dpo_loss", "main"]
 
@@ -73,7 +74,7 @@ def dpo_loss(policy, reference, counts, beta: float, loss: str, label_smoothing:
     return per.sum(), figures
 
 
-class DPORecipe(training.StageRun):
+class DPORecipe(BatchStage):
     """DPO of a LoRA policy against its starting model, on preference pairs."""
 
     name = "dpo"

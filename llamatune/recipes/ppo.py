@@ -32,15 +32,17 @@ import time
 from llamatune import dist, training
 from llamatune.config import Config
 from llamatune.errors import UserError
+from llamatune.recipes import IterativeStage, StepResult
 
 __all__ = ["PPORecipe", "main"]
 
 
 
-class PPORecipe(training.StageRun):
+class PPORecipe(IterativeStage):
     """PPO (or RLOO/GRPO) of a LoRA policy against its starting model, from prompts."""
 
     name = "ppo"
+    eval_at_start = True
 
     @property
     def saved(self) -> str:
@@ -128,22 +130,26 @@ class PPORecipe(training.StageRun):
                                        epoch, drop_last=dist.world().size > 1)
         return [{"idx": g} for g in groups]
 
-    def iteration(self, loop) -> tuple[float, dict, int, float | None]:
+    def batch_text(self, tc) -> str:
+        """Prompts a process rolls out per iteration."""
+        return f"{self.cfg.ppo.rollout_batch} prompts"
+
+    def iteration(self, step: int, batch: dict, updates) -> StepResult:
         """One rollout batch and its PPO epochs (see the module docstring)."""
         import torch
 
         p = self.cfg.ppo
-        rows = [self.train_samples[i] for i in loop.next_batch()["idx"] for _ in range(p.k)]
+        rows = [self.train_samples[i] for i in batch["idx"] for _ in range(p.k)]
         t0 = time.perf_counter()
-        torch.manual_seed(self.cfg.train.seed * 1_000_003 + loop.step)  # sampling, resumable
+        torch.manual_seed(self.cfg.train.seed * 1_000_003 + step)  # sampling, resumable
         roll = self._rollout(rows)
         parts = _partition(len(rows), self.cfg.train.batch_size, seed=self.cfg.train.seed
-                           * 7919 + loop.step)
+                           * 7919 + step)
         one_pass = self._one_pass(len(parts))
         scored = self._score(roll, parts, one_pass)
         rollout_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        figures, loss, grad_norm = self._update(loop, roll, scored, parts, one_pass)
+        figures, loss, grad_norm = self._update(updates, roll, scored, parts, one_pass)
         if one_pass and scored["ref"] is not None:
             scored["kl"] = (scored["old"] - scored["ref"]) * roll["mask"]
         figures.update(self._rollout_figures(roll, scored), rollout_s=round(rollout_s, 3),
@@ -153,14 +159,14 @@ class PPORecipe(training.StageRun):
         tokens, loss = int(figures.pop("tokens") * dist.world().size), figures.pop("loss")
         if "kl" in figures:
             self.kl.update(figures["kl"], len(rows))
-        if p.sample_every and (loop.step + 1) % p.sample_every == 0 and dist.world().main:
-            self._write_samples(loop.step + 1, rows, roll, scored)
+        if p.sample_every and (step + 1) % p.sample_every == 0 and dist.world().main:
+            self._write_samples(step + 1, rows, roll, scored)
         if p.max_kl is not None and not figures.get("kl", 0.0) <= p.max_kl:
             raise training.TrainingDiverged(
                 f"ppo.max_kl: the mean KL to the reference reached {figures['kl']:.3g} at "
-                f"iteration {loop.step + 1} (bound {p.max_kl}); the run stopped before its next "
+                f"iteration {step + 1} (bound {p.max_kl}); the run stopped before its next "
                 "update. Lower train.lr or raise ppo.kl_coef, and resume from the last checkpoint.")
-        return loss, figures, tokens, grad_norm
+        return StepResult(loss, figures, tokens, grad_norm)
 
     def _one_pass(self, n_parts: int) -> bool:
         """Whether the update's own forward can stand in for the scoring pass of the policy.
@@ -282,7 +288,7 @@ class PPORecipe(training.StageRun):
         std = math.sqrt(m2 / max(n - 1, 1)) if n > 1 else 1.0
         return (scores - mean) / (std + 1e-6)
 
-    def _update(self, loop, roll, scored, parts,
+    def _update(self, updates, roll, scored, parts,
                 one_pass: bool = False) -> tuple[dict, float, float | None]:
         """``ppo.epochs`` passes of clipped PPO over the rollout, ``train.grad_accum`` parts a step."""
         import torch
@@ -332,8 +338,7 @@ class PPORecipe(training.StageRun):
                 if dist.all_sum([0.0 if ratio <= p.ratio_threshold else 1.0])[0] > 0:
                     skipped += 1
                     continue
-                dist.backward(loop.wrapped, loss / tc.grad_accum,
-                              boundary=pending + 1 == tc.grad_accum)
+                updates.backward(loss / tc.grad_accum, boundary=pending + 1 == tc.grad_accum)
                 loss_acc += float(loss.detach())
                 pending += 1
                 done += 1
@@ -343,10 +348,10 @@ class PPORecipe(training.StageRun):
                              ("entropy_bonus", float(ent_term.detach()))):
                     sums[k] += v
                 if pending == tc.grad_accum:
-                    grad_norm = loop.apply(loss_acc / pending)
+                    grad_norm = updates.apply(loss_acc / pending)
                     pending, loss_acc = 0, 0.0
         if pending:
-            grad_norm = loop.apply(loss_acc / pending)
+            grad_norm = updates.apply(loss_acc / pending)
         figures = {k: v / max(done, 1) for k, v in sums.items()}
         figures["skipped"] = skipped
         if not self.gae:
@@ -399,13 +404,7 @@ class PPORecipe(training.StageRun):
             out["eval_accuracy"] = sum(s >= 1.0 for s in scores) / n
         return out
 
-    # -- the stage interface ------------------------------------------------------------------
-    def train(self) -> None:
-        """Evaluate the starting policy, then run the iterations (the shared loop)."""
-        if self.loop.step == 0 and self.eval_samples:
-            self.loop._log_eval(None)
-        self.loop.run()
-
+    # -- what a checkpoint keeps ---------------------------------------------------------------
     def state(self) -> dict:
         """What a checkpoint keeps of this stage: the KL coefficient and reward statistics."""
         return {"kl_coef": self.kl.coef, "reward_stats": self.reward_stats}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from llamatune import training
 from llamatune.config import Config
+from llamatune.recipes import BatchStage
 
 __all__ = ["RewardRecipe", "main"]
 
@@ -45,7 +46,7 @@ def _pair_loss(rewards, center_coef: float, margin: float):
     return loss, n, int((diff > 0).sum()), float(diff.detach().sum())
 
 
-class RewardRecipe(training.StageRun):
+class RewardRecipe(BatchStage):
     """A LoRA reward model with a scalar score head, on preference pairs."""
 
     name = "rm"

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from llamatune import training
 from llamatune.config import Config
+from llamatune.recipes import BatchStage
 
 __all__ = ["SFTRecipe", "main"]
 
 
-class SFTRecipe(training.StageRun):
+class SFTRecipe(BatchStage):
     """Supervised fine-tuning of a LoRA adapter (or the full model) on conversations."""
 
     name = "sft"
