@@ -5,12 +5,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_recipe
+from conftest import make_recipe, trainable_state_dict
 
 from llamatune.cli import main as cli
 from llamatune.config import load_config
 from llamatune.recipes.sft import SFTRecipe
-from llamatune.training import trainable_state_dict
 
 
 def _recipe(tmp_path, tiny_model_dir, alpaca_file, **sections):
