@@ -19,6 +19,8 @@ import json
 import os
 from pathlib import Path
 
+from llamatune.rundir import read_run_config
+
 __all__ = ["FIGURES", "plot_run", "read_metrics", "run_stage"]
 
 FIGURES = {
@@ -57,13 +59,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def run_stage(run_dir: Path) -> str | None:
     """The stage recorded in ``run_dir/config.yaml`` (``None`` if it is unreadable)."""
-    import yaml
-
-    try:
-        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    return cfg.get("stage") if isinstance(cfg, dict) else None
+    cfg = read_run_config(run_dir)
+    return cfg.get("stage") if cfg is not None else None
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

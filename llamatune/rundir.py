@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamatune._atomic import WriteError, agree, publish, reason, remove, writing
-from llamatune.config import Config, ConfigError, load_config, save_config
+from llamatune.config import Config, ConfigError, load_config, read_recipe, save_config
 from llamatune.errors import UserError
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "keep_copy",
     "latest_checkpoint",
     "prepare_output_dir",
+    "read_run_config",
     "starting_adapter",
     "write_final",
     "write_run_files",
@@ -84,6 +85,25 @@ def is_finished(run_dir: Path) -> bool:
     """Whether a stage finished writing this run (config plus final weights)."""
     p = Path(run_dir)
     return (p / "config.yaml").is_file() and any((p / m).is_file() for m in _FINISHED_MARKERS)
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict | None:
+    """A run's ``config.yaml`` as the plain mapping it holds, unvalidated.
+
+    For readers that only look at a key or two (the stage, ``train.alarms``) and must also
+    work on a run still training or written by an older llamatune; :meth:`Run.open` reads a
+    finished run strictly.
+
+    Args:
+        run_dir: The run directory.
+
+    Returns:
+        The mapping, or ``None`` when the file is missing or is not a readable YAML mapping.
+    """
+    try:
+        return read_recipe(Path(run_dir) / "config.yaml")[0]
+    except ConfigError:
+        return None
 
 
 def prepare_output_dir(cfg: Config) -> Path:
