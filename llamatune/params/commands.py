@@ -5,14 +5,28 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from llamatune.config import LoraConfig, ModelConfig, TrainConfig
 from llamatune.params.architectures import ARCHITECTURES, REQUIRED_KEYS, dims
 from llamatune.params.counts import count_parameters, lora_parameters
-from llamatune.params.memory import GB, PUBLISHED_4BIT_INFERENCE_GB, MemoryEstimate, estimate_memory
+from llamatune.params.memory import (
+    DEFAULT_OPTIMIZER,
+    GB,
+    PUBLISHED_4BIT_INFERENCE_GB,
+    MemoryEstimate,
+    estimate_memory,
+)
 from llamatune.params.resolve import resolve, resolve_architecture
 
 __all__ = ["run_estimate", "run_params"]
 
 _DTYPES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+"""Bytes per weight of the ``model.dtype`` names."""
+
+_AUTO_DTYPE_BYTES = 2
+"""``model.dtype: auto`` (the default) on the GPUs an estimate is for: bf16."""
+
+_NO_RECIPE_BATCH = 1
+"""Sequences per micro-batch when no recipe is given (a recipe silent on it: ``TrainConfig``'s)."""
 
 
 def _gb(n: float) -> str:
@@ -76,28 +90,38 @@ def run_params(target: str, as_json: bool = False) -> int:
     return 0
 
 
+def _method(lora_enabled: Any, quantization: Any) -> str:
+    """The estimate's method for a recipe's ``lora.enabled`` and ``model.quantization``."""
+    if lora_enabled is False:
+        return "full"
+    return "qlora" if quantization == "4bit" else "lora"
+
+
 def _recipe_settings(recipe: dict | None) -> dict[str, Any]:
     """Estimate settings a recipe pins down, llamatune's defaults where it is silent."""
-    out: dict[str, Any] = {"method": "lora", "batch": 1, "seq": 512, "lora_r": 16,
-                           "lora_dropout": 0.05, "target_modules": "all-linear",
-                           "attn_implementation": "sdpa", "gradient_checkpointing": False,
-                           "weight_dtype_bytes": 2, "notes": []}
+    model_d, lora_d, train_d = ModelConfig(), LoraConfig(), TrainConfig()
+    out: dict[str, Any] = {
+        "method": _method(lora_d.enabled, model_d.quantization), "batch": _NO_RECIPE_BATCH,
+        "seq": train_d.max_length, "lora_r": lora_d.r, "lora_dropout": lora_d.dropout,
+        "target_modules": lora_d.target_modules,
+        "attn_implementation": model_d.attn_implementation,
+        "gradient_checkpointing": model_d.gradient_checkpointing,
+        "weight_dtype_bytes": _DTYPES.get(model_d.dtype, _AUTO_DTYPE_BYTES), "notes": [],
+    }
     if recipe is None:
         return out
     model, lora, train = (recipe.get(k) if isinstance(recipe.get(k), dict) else {}
                           for k in ("model", "lora", "train"))
-    out.update(batch=4, seq=512, lora_r=16)  # llamatune's TrainConfig / LoraConfig defaults
+    out["batch"] = train_d.batch_size  # what a recipe silent on it trains with
     if model.get("attn_implementation") in ("sdpa", "eager"):
         out["attn_implementation"] = model["attn_implementation"]
     if isinstance(model.get("gradient_checkpointing"), bool):
         out["gradient_checkpointing"] = model["gradient_checkpointing"]
     if model.get("dtype") in _DTYPES:
         out["weight_dtype_bytes"] = _DTYPES[model["dtype"]]
-    if lora.get("enabled") is False:
-        out["method"] = "full"
-    elif model.get("quantization") == "4bit":
-        out["method"] = "qlora"
-    elif model.get("quantization") == "8bit":
+    out["method"] = _method(lora.get("enabled", lora_d.enabled),
+                            model.get("quantization", model_d.quantization))
+    if out["method"] == "lora" and model.get("quantization") == "8bit":
         out["notes"].append("the recipe loads the base in 8-bit, which is not modelled: "
                             "estimated as a 16-bit LoRA base")
     if isinstance(lora.get("dropout"), (int, float)):
@@ -124,7 +148,7 @@ def run_estimate(
     *,
     weight_dtype_bytes: int | None = None,
     lora_dropout: float | None = None,
-    optimizer: str = "adamw",
+    optimizer: str = DEFAULT_OPTIMIZER,
     device: str = "cuda",
 ) -> int:
     """Print a training and 4-bit inference memory estimate (``llamatune estimate``).
@@ -133,8 +157,10 @@ def run_estimate(
     ``model.quantization``/``lora.enabled``, ``batch`` from ``train.batch_size``, ``seq`` from
     ``train.max_length``, ``lora_r`` from ``lora.r``, and ``model.gradient_checkpointing``,
     ``model.dtype``, ``model.attn_implementation``, ``lora.dropout``,
-    ``lora.target_modules``; otherwise from llamatune's defaults (LoRA r=16 with dropout 0.05
-    on all linear layers, batch 1, seq 512, bf16 weights, SDPA, no checkpointing).
+    ``lora.target_modules``; otherwise from llamatune's defaults, the config dataclasses'
+    (:mod:`llamatune.config`: LoRA r=16 with dropout 0.05 on all linear layers, seq 512, SDPA,
+    no checkpointing; batch ``train.batch_size`` for a recipe, else 1; bf16 weights for
+    ``model.dtype: auto``).
 
     Args:
         target: A built-in name, ``config.json``, model folder, ``.gguf`` or recipe YAML.

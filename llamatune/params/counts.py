@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from llamatune.config import LoraConfig
 from llamatune.errors import UserError
 from llamatune.params.architectures import LINEAR_MODULES, dims
 
@@ -124,7 +125,9 @@ def lora_targets(target_modules: str | Iterable[str] | None) -> tuple[str, ...]:
 
 
 def lora_parameters(
-    config: Mapping[str, Any], r: int, target_modules: str | Iterable[str] | None = "all-linear"
+    config: Mapping[str, Any],
+    r: int,
+    target_modules: str | Iterable[str] | None = LoraConfig().target_modules,
 ) -> int:
     """Count the trainable parameters of a LoRA adapter.
 

@@ -16,13 +16,21 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from llamatune.config import LoraConfig, ModelConfig
 from llamatune.errors import UserError
 from llamatune.params.activations import activation_bytes
 from llamatune.params.architectures import _Dims, dims
 from llamatune.params.counts import ParamBreakdown, count_parameters, lora_parameters, lora_targets
 
-__all__ = ["GB", "NF4_BITS_PER_PARAM", "OPTIMIZERS", "PUBLISHED_4BIT_INFERENCE_GB", "MemoryEstimate",
-           "estimate_memory"]
+__all__ = [
+    "DEFAULT_OPTIMIZER",
+    "GB",
+    "NF4_BITS_PER_PARAM",
+    "OPTIMIZERS",
+    "PUBLISHED_4BIT_INFERENCE_GB",
+    "MemoryEstimate",
+    "estimate_memory",
+]
 
 GB = 10**9
 """Bytes in the GB printed by the tables (decimal, like GPU spec sheets)."""
@@ -33,6 +41,9 @@ float32 absmax per 256 such blocks (bitsandbytes' defaults): about 4.127 bits.""
 
 PUBLISHED_4BIT_INFERENCE_GB = {"llama-2-7b": 5.5, "llama-2-13b": 8.9, "llama-2-70b": 37.6}
 """Commonly quoted GPU memory for 4-bit Llama-2 inference, for comparison."""
+
+DEFAULT_OPTIMIZER = "adamw"
+"""The optimizer of llamatune's loop, ``torch.optim.AdamW``."""
 
 OPTIMIZERS = {
     # name -> (states per trainable parameter, fixed bytes per parameter or None for "states
@@ -138,13 +149,13 @@ def estimate_memory(
     batch: int,
     seq: int,
     gradient_checkpointing: bool,
-    lora_r: int = 16,
+    lora_r: int = LoraConfig().r,
     weight_dtype_bytes: int = 2,
-    optimizer: str = "adamw",
+    optimizer: str = DEFAULT_OPTIMIZER,
     *,
-    target_modules: str | Iterable[str] | None = "all-linear",
+    target_modules: str | Iterable[str] | None = LoraConfig().target_modules,
     lora_dropout: float = 0.0,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = ModelConfig().attn_implementation,
     device: str = "cuda",
     padding_mask: bool = False,
     master_weights: bool = False,

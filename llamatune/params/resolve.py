@@ -12,13 +12,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from llamatune.config import ModelConfig
 from llamatune.errors import UserError
 from llamatune.params.architectures import ALIASES, ARCHITECTURES, dims
 
 __all__ = ["resolve", "resolve_architecture"]
-
-_DEFAULT_MODEL = "smollm2-135m-instruct"
-
 
 def _normalize(name: str) -> str:
     s = name.strip().lower().replace("_", "-").replace(" ", "-")
@@ -120,7 +118,7 @@ def _recipe_model(path: Path) -> tuple[str, dict]:
     model = recipe.get("model") or {}
     if not isinstance(model, dict):
         raise UserError(f"recipe {path}: `model` must be a mapping.")
-    return str(model.get("path") or _DEFAULT_MODEL), recipe
+    return str(model.get("path") or ModelConfig().path), recipe
 
 
 def resolve(target: str) -> tuple[str, dict, dict | None]:
