@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llamatune.config import ModelConfig
+from llamatune.config import ConfigError, ModelConfig, read_recipe
 from llamatune.errors import UserError
 from llamatune.params.architectures import ALIASES, ARCHITECTURES, dims
 
@@ -106,15 +106,11 @@ def _from_hf_cache(repo_id: str) -> Path | None:
 
 
 def _recipe_model(path: Path) -> tuple[str, dict]:
-    """``(model.path, the whole recipe)`` from a recipe YAML."""
-    import yaml
-
+    """``(model.path, the whole recipe)`` from a recipe YAML, read as every command reads one."""
     try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"recipe {path}: not readable YAML ({e}).") from None
-    if not isinstance(recipe, dict):
-        raise UserError(f"recipe {path}: a recipe must be a YAML mapping of sections to keys.")
+        recipe = read_recipe(path)[0]
+    except ConfigError as e:  # not UTF-8, not YAML, empty or not a mapping: config says which
+        raise UserError(str(e)) from None
     model = recipe.get("model") or {}
     if not isinstance(model, dict):
         raise UserError(f"recipe {path}: `model` must be a mapping.")
