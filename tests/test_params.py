@@ -522,6 +522,29 @@ def test_run_estimate_takes_open_settings_from_the_recipe(capsys, tmp_path):
     assert (out["method"], out["batch"], out["seq"], out["lora_r"]) == ("lora", 1, 512, 16)
 
 
+def test_recipes_are_read_as_every_command_reads_them(tmp_path):
+    """Recipe problems come from llamatune.config, with its messages; defaults from its dataclasses."""
+    from llamatune.config import LoraConfig, TrainConfig
+
+    bad = tmp_path / "bad.yaml"
+    for text, msg in ((b"model:\n  path: [x\n", "not valid YAML"), (b"", "is empty"),
+                      (b"- a\n", "the recipe is a list"), (b"\xff\xfe", "not UTF-8")):
+        bad.write_bytes(text)
+        with pytest.raises(UserError, match=msg):
+            resolve_architecture(str(bad))
+    bad.write_text("model: [1]\n")
+    with pytest.raises(UserError, match="`model` must be a mapping"):
+        run_estimate(str(bad))
+    silent = tmp_path / "silent.yaml"
+    silent.write_text("stage: sft\n")
+    assert resolve_architecture(str(silent))[0] == "smollm2-135m-instruct"  # ModelConfig().path
+    from llamatune.params.commands import _recipe_settings
+
+    s = _recipe_settings({"stage": "sft"})
+    assert (s["batch"], s["seq"], s["lora_r"], s["lora_dropout"]) == (
+        TrainConfig().batch_size, TrainConfig().max_length, LoraConfig().r, LoraConfig().dropout)
+
+
 def test_imports_without_torch():
     code = ("import sys, llamatune.params as p; p.run_params('llama-2-7b', True); "
             "p.estimate_memory(p.ARCHITECTURES['llama-2-7b'], 'qlora', 1, 128, True); "

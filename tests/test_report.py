@@ -64,6 +64,17 @@ def test_stage_plots_name_their_figures(tmp_path):
     assert sorted(p.name for p in plot_run(rm)) == ["accuracy.png", "loss.png", "margin.png"]
 
 
+def test_run_stage_reads_any_config_yaml(tmp_path):
+    """The stage comes from the run's config.yaml, unvalidated; an unreadable one gives None."""
+    from llamatune.plots import run_stage
+
+    assert run_stage(tmp_path) is None
+    for text, stage in ((b"stage: rm\nnot_a_key: 1\n", "rm"), (b"", None), (b"- 1\n", None),
+                        (b"a: [x\n", None), (b"\xff\xfe", None), (b"train: {}\n", None)):
+        (tmp_path / "config.yaml").write_bytes(text)
+        assert run_stage(tmp_path) == stage
+
+
 def test_report_errors(tmp_path, capsys):
     assert cli(["report", str(tmp_path)]) == 2
     assert "holds no run" in capsys.readouterr().err
