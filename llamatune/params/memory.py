@@ -206,16 +206,14 @@ def estimate_memory(
     weights, adapters = _weight_bytes(d, pc, method, wb), 4 * adapter_params
     trainable = pc.total if full else adapter_params
     gradients = (wb if full else 4) * trainable
-    state, master = _optimizer_bytes(optimizer, full, wb, master_weights)
-    optimizer_state = round((state + master) * trainable)
+    state, master, optimizer_state = _optimizer_bytes(optimizer, full, wb, master_weights, trainable)
     act = _activations(
         d, batch, seq, bool(gradient_checkpointing), full=full, targets=targets, p=p, r=r,
         dropout=0.0 if full else lora_dropout, on_cuda=not str(device).startswith("cpu"),
         eager=attn_implementation == "eager", repeat_kv=padding_mask)
     total = weights + adapters + gradients + optimizer_state + act.pop("peak")
-    assumptions = _assumptions(method, wb, p, optimizer, state, master, lora_r, targets,
-                               lora_dropout, attn_implementation, padding_mask,
-                               bool(gradient_checkpointing))
+    assumptions = _assumptions(method, wb, p, optimizer, state, master, lora_r, targets, lora_dropout,
+                               attn_implementation, padding_mask, bool(gradient_checkpointing))
     return MemoryEstimate(
         method=method, batch=batch, seq=seq, gradient_checkpointing=bool(gradient_checkpointing),
         weight_dtype_bytes=wb, activation_dtype_bytes=p, lora_r=r, optimizer=optimizer,
@@ -256,13 +254,15 @@ def _weight_bytes(d: _Dims, pc: ParamBreakdown, method: str, wb: int) -> int:
     )
 
 
-def _optimizer_bytes(optimizer: str, full: bool, wb: int, master_weights: bool) -> tuple[float, int]:
-    """Optimizer state bytes per trainable parameter, and those of a float32 master copy."""
+def _optimizer_bytes(optimizer: str, full: bool, wb: int, master_weights: bool,
+                     trainable: int) -> tuple[float, int, int]:
+    """The optimizer's bytes: state per trainable parameter, master copy per one, and in all."""
     n_states, fixed = OPTIMIZERS[optimizer]
     param_bytes = wb if full else 4
     master = 4 if (full and master_weights and wb < 4 and n_states) else 0
     per_state = fixed if fixed is not None else (4 if master else param_bytes)
-    return n_states * per_state, master
+    state = n_states * per_state
+    return state, master, round((state + master) * trainable)
 
 
 def _activations(d: _Dims, batch: int, seq: int, gradient_checkpointing: bool,
