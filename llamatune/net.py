@@ -23,6 +23,7 @@ import contextlib
 import torch
 
 from llamatune.data.collate import is_pair_batch
+from llamatune.model import unwrap_model
 
 __all__ = ["BASE", "Net", "lm_loss_sum", "position_ids", "sequence_scores"]
 
@@ -79,8 +80,7 @@ class Net(torch.nn.Module):
     @property
     def inner(self):
         """The ``transformers`` model under peft (LoRA layers injected)."""
-        m = self.model
-        return m.get_base_model() if hasattr(m, "get_base_model") else m
+        return unwrap_model(self.model)
 
     def _hidden(self, batch: dict):
         inner = self.inner
