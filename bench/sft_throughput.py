@@ -196,8 +196,9 @@ def _fixed_loss(model, samples: list[dict], pad_id: int, device: str, batch: int
     import torch
 
     from llamatune.data.collate import pad_batch
-    from llamatune.net import lm_loss_sum
+    from llamatune.net import Net
 
+    net = model if isinstance(model, Net) else Net(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -205,7 +206,7 @@ def _fixed_loss(model, samples: list[dict], pad_id: int, device: str, batch: int
         for i in range(0, len(samples), batch):
             b = pad_batch(samples[i : i + batch], pad_id)
             b = {k: v.to(device) for k, v in b.items()}
-            loss, n = lm_loss_sum(model, b)
+            loss, n = net("lm_loss", b)
             total += float(loss)
             count += int(n)
     model.train(was_training)

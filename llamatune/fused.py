@@ -477,7 +477,9 @@ def _use_cpu_attention(model) -> bool:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from llamatune.model import unwrap_model
+
+    inner = unwrap_model(model)
     cfg = inner.config
     groups = getattr(cfg, "num_attention_heads", 1) // max(1, getattr(cfg, "num_key_value_heads",
                                                                       None) or 1)

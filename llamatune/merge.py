@@ -451,7 +451,7 @@ def run_merge(run_dir, out, base: str = "auto", dtype: str | None = None, verify
     """
     import gc
 
-    from llamatune.data.templates import to_jinja
+    from llamatune.data.jinja import to_jinja
     from llamatune.model import load_tokenizer, resolve_model_path
 
     if dtype is not None and dtype not in DTYPES:

@@ -23,8 +23,9 @@ import contextlib
 import torch
 
 from llamatune.data.collate import is_pair_batch
+from llamatune.model import unwrap_model
 
-__all__ = ["BASE", "Net", "lm_loss_sum", "position_ids", "sequence_scores"]
+__all__ = ["BASE", "Net", "position_ids", "sequence_scores"]
 
 BASE = "base"
 """``adapter=BASE`` runs the bare base model (every adapter disabled)."""
@@ -79,8 +80,7 @@ class Net(torch.nn.Module):
     @property
     def inner(self):
         """The ``transformers`` model under peft (LoRA layers injected)."""
-        m = self.model
-        return m.get_base_model() if hasattr(m, "get_base_model") else m
+        return unwrap_model(self.model)
 
     def _hidden(self, batch: dict):
         inner = self.inner
@@ -132,115 +132,118 @@ class Net(torch.nn.Module):
         """
         with self.using(adapter):
             if op == "lm_loss":
-                return self._lm_loss(batch)
+                return _lm_loss(self, batch)
             if op == "logprobs":
-                return self._logprobs(batch, temperature, entropy, values)
+                return _logprobs(self, batch, temperature, entropy, values)
             if op == "score":
-                return self._score(batch, head)
+                return _score(self, batch, head)
             if op == "values":
                 return self.heads[head](self._hidden(batch))
         raise ValueError(f"unknown op {op!r}")
 
-    def _lm_loss(self, batch):
-        import torch.nn.functional as F
 
-        hidden = self._hidden(batch)
-        labels = batch["labels"][:, 1:]
-        mask = labels != -100
-        h = hidden[:, :-1][mask]
-        out = self.inner.get_output_embeddings()
-        if (self.chunked_head and not self.head_by_call and type(out) is torch.nn.Linear
-                and out.bias is None):
-            from llamatune._head_loss import head_cross_entropy_sum
+# -- the ops' computations (what Net.forward runs, inside its adapter switch) -------------------
+def _plain_head(net: Net):
+    """The output head, and whether its weight may be read directly.
 
-            loss = head_cross_entropy_sum(h, out.weight, labels[mask])
-        else:
-            loss = F.cross_entropy(out(h).float(), labels[mask], reduction="sum")
-        return loss, mask.sum()
-
-    def _logprobs(self, batch, temperature, entropy, values=None):
-        hidden = self._hidden(batch)
-        pairs = is_pair_batch(batch)
-        if pairs:  # pair rows: explicit (position, label, side) predictions
-            labels = batch["pred_label"]
-            mask = labels != -100
-            rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(labels)
-            h = hidden[rows[mask], batch["pred_pos"][mask]]
-            y = labels[mask]
-        else:
-            labels = batch["labels"][:, 1:]
-            mask = labels != -100
-            h = hidden[:, :-1][mask]
-            y = labels[mask]
-        out = self.inner.get_output_embeddings()
-        if not self.head_by_call and type(out) is torch.nn.Linear and out.bias is None:
-            from llamatune._head_loss import head_logprobs
-
-            res = head_logprobs(h, out.weight, y, temperature, entropy=bool(entropy),
-                                entropy_grad=entropy == "grad")
-            logp, ent = res if entropy else (res, None)
-        else:
-            logits = out(h).float() / temperature
-            logsm = torch.log_softmax(logits, dim=-1)
-            logp = logsm.gather(1, y[:, None]).squeeze(1)
-            ent = -(logsm.exp() * logsm).sum(-1) if entropy else None
-            if ent is not None and entropy != "grad":
-                ent = ent.detach()
-        n = labels.shape[0]
-        rows = mask.nonzero()[:, 0]
-        if pairs:  # per side: chosen rows first, then rejected
-            rows = rows + n * batch["pred_side"][mask]
-            n = 2 * n
-            count = torch.zeros(n, dtype=torch.long, device=logp.device).index_add(
-                0, rows, torch.ones_like(rows))
-        else:
-            count = mask.sum(-1)
-        seq = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
-        out = {"logp": logp, "seq": seq, "count": count, "mask": mask}
-        if ent is not None:
-            out["entropy"] = ent
-        if values is not None:
-            out["values"] = self.heads[values](hidden[:, :-1]).float()
-        return out
-
-    def _score(self, batch, head):
-        hidden = self._hidden(batch)
-        if is_pair_batch(batch):  # pair rows: each answer's last token, chosen rows first
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            ends = batch["ends"]
-            h = torch.cat([hidden[rows, ends[:, 0]], hidden[rows, ends[:, 1]]])
-            return self.heads[head](h).float()
-        mask = batch["attention_mask"].long()
-        steps = torch.arange(mask.shape[1], device=mask.device)
-        last = (steps * mask).argmax(-1)
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.heads[head](h).float()
-
-
-def _as_net(model):
-    return model if isinstance(model, Net) else Net(model)
-
-
-def lm_loss_sum(model, batch: dict, fused: bool | None = None):
-    """Summed next-token cross-entropy over supervised positions, and their count.
-
-    Args:
-        model: A :class:`Net`, or a causal LM (bare or peft) to run as one.
-        batch: ``input_ids``, ``labels`` (``-100`` where unsupervised) and optionally
-            ``attention_mask`` / ``position_ids``.
-        fused: Override the net's chunked head (``None`` keeps it).
-
-    Returns:
-        ``(loss_sum, n_supervised)`` as tensors.
+    Only a bias-free ``Linear`` that need not be called as a module (ZeRO-3 gathers a weight
+    only inside its module's call) is read directly, by the chunked kernels.
     """
-    net = _as_net(model)
-    if fused is None or fused == net.chunked_head:
-        return net("lm_loss", batch)
-    old, net.chunked_head = net.chunked_head, fused
-    try:
-        return net("lm_loss", batch)
-    finally:
-        net.chunked_head = old
+    out = net.inner.get_output_embeddings()
+    ok = not net.head_by_call and type(out) is torch.nn.Linear and out.bias is None
+    return out, ok
+
+
+def _lm_loss(net: Net, batch: dict):
+    """``lm_loss``: summed next-token cross-entropy over supervised positions, and their count."""
+    import torch.nn.functional as F
+
+    hidden = net._hidden(batch)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    h = hidden[:, :-1][mask]
+    out, plain = _plain_head(net)
+    if net.chunked_head and plain:
+        from llamatune._head_loss import head_cross_entropy_sum
+
+        loss = head_cross_entropy_sum(h, out.weight, labels[mask])
+    else:
+        loss = F.cross_entropy(out(h).float(), labels[mask], reduction="sum")
+    return loss, mask.sum()
+
+
+def _predicted(hidden, batch: dict):
+    """The hidden states that predict a supervised token, those tokens, the labels and mask.
+
+    Pair rows (see :func:`llamatune.data.collate.pair_batch`) list explicit (position, label,
+    side) predictions; other rows predict each next token.
+    """
+    if is_pair_batch(batch):
+        labels = batch["pred_label"]
+        mask = labels != -100
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(labels)
+        return hidden[rows[mask], batch["pred_pos"][mask]], labels[mask], labels, mask
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    return hidden[:, :-1][mask], labels[mask], labels, mask
+
+
+def _token_logprobs(net: Net, h, y, temperature: float, entropy: bool | str):
+    """Log-probabilities of tokens ``y`` after ``h`` (and entropies, when asked for)."""
+    out, plain = _plain_head(net)
+    if plain:
+        from llamatune._head_loss import head_logprobs
+
+        res = head_logprobs(h, out.weight, y, temperature, entropy=bool(entropy),
+                            entropy_grad=entropy == "grad")
+        return res if entropy else (res, None)
+    logits = out(h).float() / temperature
+    logsm = torch.log_softmax(logits, dim=-1)
+    logp = logsm.gather(1, y[:, None]).squeeze(1)
+    ent = -(logsm.exp() * logsm).sum(-1) if entropy else None
+    if ent is not None and entropy != "grad":
+        ent = ent.detach()
+    return logp, ent
+
+
+def _logprobs(net: Net, batch: dict, temperature: float, entropy: bool | str,
+              values: str | None = None) -> dict:
+    """``logprobs``: per-token log-probabilities, their per-sequence sums and counts."""
+    hidden = net._hidden(batch)
+    pairs = is_pair_batch(batch)
+    h, y, labels, mask = _predicted(hidden, batch)
+    logp, ent = _token_logprobs(net, h, y, temperature, entropy)
+    n = labels.shape[0]
+    rows = mask.nonzero()[:, 0]
+    if pairs:  # per side: chosen rows first, then rejected
+        rows = rows + n * batch["pred_side"][mask]
+        n = 2 * n
+        count = torch.zeros(n, dtype=torch.long, device=logp.device).index_add(
+            0, rows, torch.ones_like(rows))
+    else:
+        count = mask.sum(-1)
+    seq = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+    out = {"logp": logp, "seq": seq, "count": count, "mask": mask}
+    if ent is not None:
+        out["entropy"] = ent
+    if values is not None:
+        out["values"] = net.heads[values](hidden[:, :-1]).float()
+    return out
+
+
+def _score(net: Net, batch: dict, head: str):
+    """``score``: head ``head`` read at each row's last real token (pairs: each answer's)."""
+    hidden = net._hidden(batch)
+    if is_pair_batch(batch):  # pair rows: each answer's last token, chosen rows first
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        ends = batch["ends"]
+        h = torch.cat([hidden[rows, ends[:, 0]], hidden[rows, ends[:, 1]]])
+        return net.heads[head](h).float()
+    mask = batch["attention_mask"].long()
+    steps = torch.arange(mask.shape[1], device=mask.device)
+    last = (steps * mask).argmax(-1)
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return net.heads[head](h).float()
 
 
 def sequence_scores(net: Net, input_ids, attention_mask, head: str = "score",

@@ -189,7 +189,7 @@ def absolute_config(cfg: Config, recipe_path: str | None = None) -> Config:
 
 def write_run_files(run_dir: Path, cfg: Config, tokenizer) -> None:
     """Resolved config plus tokenizer with the run's chat template: the folder describes itself."""
-    from llamatune.data.templates import to_jinja
+    from llamatune.data.jinja import to_jinja
 
     tmp = run_dir / ".run-files.tmp"
     remove(tmp)

@@ -235,3 +235,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def trainable_state_dict(model) -> dict:
     """The trainable tensors (adapter and any fully trained modules)."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lm_loss_sum(model, batch: dict, fused: bool | None = None):
+    """Summed next-token cross-entropy over supervised positions, and their count.
+
+    ``model``: a ``Net``, or a causal LM (bare or peft) to run as one; ``fused`` overrides
+    the net's chunked head (``None`` keeps it). Returns ``(loss_sum, n_supervised)``.
+    """
+    from llamatune.net import Net
+
+    net = model if isinstance(model, Net) else Net(model)
+    if fused is None or fused == net.chunked_head:
+        return net("lm_loss", batch)
+    old, net.chunked_head = net.chunked_head, fused
+    try:
+        return net("lm_loss", batch)
+    finally:
+        net.chunked_head = old

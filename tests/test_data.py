@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import write_jsonl
+from conftest import lm_loss_sum, write_jsonl
 
 from llamatune.data import (
     pack,
@@ -181,8 +181,6 @@ def test_tokenization_cache_hit(tiny_tokenizer, alpaca_file, tmp_path, monkeypat
 def test_packing_gives_the_unpacked_loss(tiny_model_dir, tiny_tokenizer, alpaca_file):
     import torch
     from transformers import AutoModelForCausalLM
-
-    from llamatune.net import lm_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     model.eval()

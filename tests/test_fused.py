@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import lm_loss_sum
 
 from llamatune import fused
 from llamatune._head_loss import _HeadCrossEntropy, head_cross_entropy_sum
-from llamatune.net import lm_loss_sum
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -232,7 +232,7 @@ def test_choose_check_rules():
 def test_chat_template_problem_names_the_difference(lora_run):
     from transformers import AutoTokenizer
 
-    from llamatune.data.templates import to_jinja
+    from llamatune.data.jinja import to_jinja
 
     tok = AutoTokenizer.from_pretrained(str(lora_run))
     assert merge.chat_template_problem(tok, "alpaca", None) is None

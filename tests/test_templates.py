@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from llamatune.data.templates import TEMPLATES, render, stop_token_ids, to_jinja
+from llamatune.data.jinja import to_jinja
+from llamatune.data.templates import TEMPLATES, render, stop_token_ids
 from llamatune.errors import UserError
 
 CONV = [
