@@ -383,17 +383,15 @@ def replay(run_dir: str | Path) -> list[dict]:
     derived from the data (pair counts) is not recomputed. The end-of-run rules apply when
     the run finished (its adapter is written).
     """
-    import yaml
+    from llamatune.rundir import read_run_config
 
     run_dir = Path(run_dir)
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        cfg = {}
+    cfg = read_run_config(run_dir) or {}
     stage = cfg.get("stage")
     context = {}
     if stage == "ppo":
-        context["max_new_tokens"] = (cfg.get("ppo") or {}).get("max_new_tokens")
+        ppo = cfg.get("ppo")
+        context["max_new_tokens"] = ppo.get("max_new_tokens") if isinstance(ppo, dict) else None
     finished = (run_dir / "adapter_model.safetensors").is_file()
     return check_rows(_read(run_dir / "metrics.jsonl"), stage, context, finished)
 

@@ -76,13 +76,11 @@ def _alarms(run_dir: Path, rows: list[dict], stage: str | None) -> list[dict]:
 
 def _alarms_key(run_dir: Path) -> bool:
     """Whether the run's ``config.yaml`` has ``train.alarms`` (it ran with the monitor)."""
-    import yaml
+    from llamatune.rundir import read_run_config
 
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(cfg, dict) and "alarms" in (cfg.get("train") or {})
+    cfg = read_run_config(run_dir) or {}
+    train = cfg.get("train")
+    return isinstance(train, dict) and "alarms" in train
 
 
 def _describe(fig: dict) -> str:
