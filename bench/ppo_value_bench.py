@@ -37,7 +37,8 @@ def main() -> None:
 
     from llamatune.advantages import value_loss
     from llamatune.config import load_config
-    from llamatune.recipes.ppo import PPORecipe, _partition
+    from llamatune.experience import minibatch, partition
+    from llamatune.recipes.ppo import PPORecipe, _rollout, _update
 
     recipe = REPO / "recipes" / "ppo.yaml"
     out = Path(tempfile.mkdtemp(prefix="bench-value-")) / "run"
@@ -50,25 +51,25 @@ def main() -> None:
     for it in range(args.iterations):
         rows = [r.train_samples[i] for i in range(it * p.rollout_batch, (it + 1) * p.rollout_batch)]
         torch.manual_seed(it)
-        roll = r._rollout(rows)
-        parts = _partition(len(rows), tc.batch_size, seed=it)
+        roll = _rollout(r, rows)
+        parts = partition(len(rows), tc.batch_size, seed=it)
         t = time.perf_counter()
         scored = r._score(roll, parts)
-        r._update(r.loop, roll, scored, parts)
+        _update(r, r.loop.updates, roll, scored, parts, one_pass=False)
         shared.append(time.perf_counter() - t)
         # What a value adapter of its own adds: its passes through the base.
         t = time.perf_counter()
         with torch.no_grad():
             for idx in parts:
-                mb, _ = r._sub(roll["batch"], idx)
+                mb, _ = minibatch(roll.batch, idx, r.device)
                 r.net("values", mb, head="value")
         for _ in range(p.epochs):
             for idx in parts:
-                mb, w = r._sub(roll["batch"], idx)
-                m = roll["mask"][idx, :w].to(r.device)
+                mb, w = minibatch(roll.batch, idx, r.device)
+                m = roll.mask[idx, :w].to(r.device)
                 v = r.net("values", mb, head="value")[:, :-1].float() * m
-                tgt = scored["returns"][idx, :w].to(r.device)
-                value_loss(v, scored["values"][idx, :w].to(r.device), tgt, m,
+                tgt = scored.returns[idx, :w].to(r.device)
+                value_loss(v, scored.values[idx, :w].to(r.device), tgt, m,
                            p.cliprange_value).backward()
         r.net.zero_grad(set_to_none=True)
         extra.append(time.perf_counter() - t)

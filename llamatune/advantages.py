@@ -22,7 +22,7 @@ import math
 
 import torch
 
-__all__ = ["AdaptiveKL", "gae", "group_advantages", "kl_k1", "kl_k3", "masked_mean",
+__all__ = ["AdaptiveKL", "gae", "group_advantages", "kl_k3", "masked_mean",
            "policy_loss", "value_loss", "whiten"]
 
 
@@ -34,25 +34,17 @@ def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def kl_k1(logp, ref):
-    """Per-token ``log p - log p_ref`` (the KL penalty's estimator)."""
-    return logp - ref
-
-
 def kl_k3(logp, ref):
     """Per-token ``exp(r) - r - 1`` with ``r = log p_ref - log p`` (>= 0, unbiased)."""
     r = ref - logp
     return torch.expm1(r) - r
 
 
-def whiten(x, mask, shift_mean: bool = True):
+def whiten(x, mask):
     """Zero mean and unit variance over the real positions; padding stays 0."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask.to(x.dtype)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask.to(x.dtype)
 
 
 def gae(rewards, values, mask, gamma: float, lam: float):

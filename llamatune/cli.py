@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--version", action="version", version=f"llamatune {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_training_commands, _model_commands, _run_commands, _recipe_commands):
+        add(sub)
+    return ap
+
+
+def _training_commands(sub) -> None:
+    """The stages (from the registry) and the pipeline."""
     for name, spec in TRAIN_STAGES.items():
         p = sub.add_parser(name, help=spec.help, description=spec.help)
         _recipe_args(p)
@@ -49,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
                    help="redo from this stage (sft, rm, ppo, merge) on, even if finished")
 
+
+def _model_commands(sub) -> None:
+    """What uses a trained model: generate, chat, merge, export."""
     p = sub.add_parser("generate", help="answer one prompt, or every row of a file, with a run "
                        "or model folder")
     p.add_argument("path", help="run directory (base + adapter) or model folder")
@@ -91,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the read-back check")
     p.add_argument("--samples", type=int, default=8, help="held-out prompts for the check")
 
+
+def _run_commands(sub) -> None:
+    """What reads a run or its data: report, score, preview."""
     p = sub.add_parser("report", help="a run's (or a pipeline's) key figures; redraws its plots")
     p.add_argument("path", help="run directory or pipeline folder")
     p.add_argument("--json", action="store_true", help="the figures as JSON")
@@ -107,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=3, help="samples to show")
     p.add_argument("--json", action="store_true", help="one JSON object per sample per line")
 
+
+def _recipe_commands(sub) -> None:
+    """Sizes, recipe checks and the shipped files: params, estimate, validate, ls, cp, env."""
     p = sub.add_parser("params", help="exact parameter count of an architecture")
     p.add_argument("target", help="built-in name, config.json, model folder or recipe")
     p.add_argument("--json", action="store_true")
@@ -132,7 +148,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("dest")
     sub.add_parser("env", help="print versions and hardware")
-    return ap
 
 
 def _recipe_path(arg: str) -> str:

@@ -363,7 +363,7 @@ def verify_gguf(folder: Path, path: Path, gguf_type: str, n: int = 8,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llamatune.rollout import generate
+    from llamatune.decoding import generate
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     gtok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

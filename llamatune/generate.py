@@ -3,7 +3,7 @@
 ``llamatune generate RUN_DIR --prompt TEXT`` prints one completion;
 ``llamatune generate RUN_DIR --data FILE --out FILE`` answers every row of a prompts file (one
 JSON line out per row, in order); ``llamatune chat RUN_DIR`` keeps a conversation going. All of
-them decode with the rollout code of ``llamatune ppo`` (batched, left-padded, KV cache).
+them decode with :mod:`llamatune.decoding` (batched, left-padded, KV cache), as PPO does.
 A run directory carries its config (base model, quantization, template, system prompt) and
 tokenizer, so nothing else is needed. A plain model folder (for example a merged model) is
 used with its tokenizer's own chat template.
@@ -39,7 +39,7 @@ class Chatbot:
     def complete(self, conversations: list[list[dict]], max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0,
                  batch_size: int = 8) -> list[tuple[str, bool]]:
-        """Answer many conversations in batches, with PPO's rollout code.
+        """Answer many conversations in batches, with the decoder PPO samples with.
 
         Args:
             conversations: Each ends with a user turn.
@@ -53,7 +53,7 @@ class Chatbot:
             reached ``max_new_tokens`` without the template's end token.
         """
         from llamatune.data.templates import render, stop_token_ids
-        from llamatune.rollout import generate
+        from llamatune.decoding import generate
 
         stops = stop_token_ids(self.tokenizer, self.template)
         prompts = [render(self.tokenizer, self.template, m, system=self.system,

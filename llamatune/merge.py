@@ -451,8 +451,7 @@ def run_merge(run_dir, out, base: str = "auto", dtype: str | None = None, verify
     """
     import gc
 
-    from llamatune.data.jinja import to_jinja
-    from llamatune.model import load_tokenizer, resolve_model_path
+    from llamatune.model import resolve_model_path
 
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
@@ -474,15 +473,7 @@ def run_merge(run_dir, out, base: str = "auto", dtype: str | None = None, verify
               "full-precision original gives a model that was never trained as such. "
               "Verification reports the gap but does not fail on it.", file=sys.stderr, flush=True)
 
-    tokenizer = load_tokenizer(dataclasses.replace(cfg.model, tokenizer=str(run)), folder)
-    if not getattr(tokenizer, "chat_template", None):
-        # Run folders written by llamatune always carry one; rebuild it for older runs.
-        tokenizer.chat_template = to_jinja(tokenizer, cfg.data.template, cfg.data.system)
-    problem = chat_template_problem(tokenizer, cfg.data.template, cfg.data.system)
-    if problem:
-        print(f"warning: {problem}; chat through apply_chat_template will not match training "
-              "(pass the system prompt as a system message to get it).", file=sys.stderr,
-              flush=True)
+    tokenizer = _run_tokenizer(cfg, run, folder)
     # Read the data before any heavy work, so a missing file fails in seconds.
     data = held_out_samples(cfg, tokenizer, samples, opened.stage) if verify else None
     reference = _load_reference(cfg, run, folder) if (verify or mode == "dequantized") else None
@@ -499,23 +490,7 @@ def run_merge(run_dir, out, base: str = "auto", dtype: str | None = None, verify
                   "quantization": q, "base": mode, "dtype": out_dtype}
         if verify:
             check = choose_check(q, mode, "float32", out_dtype)
-            result = _verify(tmp, reference, cfg, check, data)
-            print(result.summary(), flush=True)
-            if not result.passed:
-                raise MergeVerificationError(
-                    f"the merged model does not reproduce {run} (base + adapter): "
-                    f"max logit difference {result.max_logit_diff:.3g}, perplexity "
-                    f"{result.ppl_merged:.4f} vs {result.ppl_reference:.4f} "
-                    f"({100 * result.ppl_gap:.3f}% apart); the rule is {check.kind} within "
-                    f"{check.tolerance:g} ({check.why}). Nothing was written to {out}. If "
-                    "you changed the base model files since training, merge against the "
-                    "originals; otherwise report this as a bug."
-                )
-            if check.kind == "report":
-                print(f"warning: perplexity gap {100 * result.ppl_gap:.3f}% against the model "
-                      "the adapter was trained with (not judged: --base original).",
-                      file=sys.stderr, flush=True)
-            record["verification"] = result.as_dict()
+            record["verification"] = _verified(tmp, reference, cfg, check, data, run, out)
         (tmp / "llamatune_merge.json").write_text(json.dumps(record, indent=2) + "\n")
         if out_path.exists():
             raise UserError(f"--out {out} appeared while merging; the merged model is not "
@@ -524,3 +499,45 @@ def run_merge(run_dir, out, base: str = "auto", dtype: str | None = None, verify
     print(f"merged model written to {out_path}; it loads with "
           f"AutoModelForCausalLM.from_pretrained({str(out_path)!r})", flush=True)
     return 0
+
+
+def _run_tokenizer(cfg, run: Path, folder: Path):
+    """The run's tokenizer with its chat template; warns when the template cannot match training."""
+    from llamatune.data.jinja import to_jinja
+    from llamatune.model import load_tokenizer
+
+    tokenizer = load_tokenizer(dataclasses.replace(cfg.model, tokenizer=str(run)), folder)
+    if not getattr(tokenizer, "chat_template", None):
+        # Run folders written by llamatune always carry one; rebuild it for older runs.
+        tokenizer.chat_template = to_jinja(tokenizer, cfg.data.template, cfg.data.system)
+    problem = chat_template_problem(tokenizer, cfg.data.template, cfg.data.system)
+    if problem:
+        print(f"warning: {problem}; chat through apply_chat_template will not match training "
+              "(pass the system prompt as a system message to get it).", file=sys.stderr,
+              flush=True)
+    return tokenizer
+
+
+def _verified(tmp: Path, reference, cfg, check, data, run: Path, out) -> dict:
+    """Check the merged folder ``tmp`` against base + adapter; its figures, or the error.
+
+    Raises:
+        MergeVerificationError: The merged model does not reproduce the run.
+    """
+    result = _verify(tmp, reference, cfg, check, data)
+    print(result.summary(), flush=True)
+    if not result.passed:
+        raise MergeVerificationError(
+            f"the merged model does not reproduce {run} (base + adapter): "
+            f"max logit difference {result.max_logit_diff:.3g}, perplexity "
+            f"{result.ppl_merged:.4f} vs {result.ppl_reference:.4f} "
+            f"({100 * result.ppl_gap:.3f}% apart); the rule is {check.kind} within "
+            f"{check.tolerance:g} ({check.why}). Nothing was written to {out}. If "
+            "you changed the base model files since training, merge against the "
+            "originals; otherwise report this as a bug."
+        )
+    if check.kind == "report":
+        print(f"warning: perplexity gap {100 * result.ppl_gap:.3f}% against the model "
+              "the adapter was trained with (not judged: --base original).",
+              file=sys.stderr, flush=True)
+    return result.as_dict()

@@ -133,35 +133,7 @@ def plan_pipeline(path: str, overrides: list[str] | None = None) -> tuple[list[P
     for command, _folder, module in ORDER:
         if command not in stages:
             continue
-        spec = stages[command]
-        base: dict = {}
-        recipe_path = str(path)
-        if isinstance(spec, str):
-            p = Path(spec).expanduser()
-            if not p.is_file() and (here / p).is_file():
-                p = here / p
-            if not p.is_file():
-                from llamatune.shipped import list_recipes
-
-                p = list_recipes().get(spec, p)
-            if not p.is_file():
-                raise ConfigError(f"{path}:{lines.get('stages', 1)}: stages.{command}: recipe "
-                                  f"{spec} does not exist (a path, or a name from llamatune ls)")
-            file_raw, _ = read_recipe(p)
-            if file_raw.get("stage") not in (None, command):
-                raise UserError(f"{path}: stages.{command} names {p}, a stage: "
-                                f"{file_raw['stage']} recipe.")
-            file_raw.pop("stage", None)
-            file_raw.pop("output_dir", None)
-            base = flatten(file_raw)
-            recipe_path = str(p)
-            inline: dict = {}
-        elif isinstance(spec, dict):
-            inline = flatten({k: v for k, v in spec.items() if k not in ("stage", "output_dir")})
-        elif spec is None:
-            inline = {}
-        else:
-            raise ConfigError(f"{path}: stages.{command} must be a recipe path or a mapping")
+        base, inline, recipe_path = _stage_values(path, lines, command, stages[command], here)
         values = {**base, **shared, **inline, **per_stage[command]}
         explicit = set(inline) | set(per_stage[command])
         if command in ("rm", "ppo") and "sft" in stages and "model.adapter" not in explicit:
@@ -173,6 +145,39 @@ def plan_pipeline(path: str, overrides: list[str] | None = None) -> tuple[list[P
         cfg = load_config(None, values, label=f"{path} stages.{command}: ")
         plans.append(Plan(command, folders[command], cfg, recipe_path, module))
     return plans, merge, out_dir
+
+
+def _stage_values(path, lines: dict, command: str, spec, here: Path) -> tuple[dict, dict, str]:
+    """One ``stages.COMMAND`` entry: a recipe file's values, inline values, the recipe path.
+
+    Raises:
+        ConfigError: The entry is neither a recipe path nor a mapping, or its file is missing.
+        UserError: The file is a recipe for another stage.
+    """
+    if spec is None:
+        return {}, {}, str(path)
+    if isinstance(spec, dict):
+        return {}, flatten({k: v for k, v in spec.items() if k not in ("stage", "output_dir")}), \
+            str(path)
+    if not isinstance(spec, str):
+        raise ConfigError(f"{path}: stages.{command} must be a recipe path or a mapping")
+    p = Path(spec).expanduser()
+    if not p.is_file() and (here / p).is_file():
+        p = here / p
+    if not p.is_file():
+        from llamatune.shipped import list_recipes
+
+        p = list_recipes().get(spec, p)
+    if not p.is_file():
+        raise ConfigError(f"{path}:{lines.get('stages', 1)}: stages.{command}: recipe "
+                          f"{spec} does not exist (a path, or a name from llamatune ls)")
+    file_raw, _ = read_recipe(p)
+    if file_raw.get("stage") not in (None, command):
+        raise UserError(f"{path}: stages.{command} names {p}, a stage: "
+                        f"{file_raw['stage']} recipe.")
+    file_raw.pop("stage", None)
+    file_raw.pop("output_dir", None)
+    return flatten(file_raw), {}, str(p)
 
 
 def _check_inputs(plans: list[Plan]) -> None:

@@ -253,3 +253,19 @@ def lm_loss_sum(model, batch: dict, fused: bool | None = None):
         return net("lm_loss", batch)
     finally:
         net.chunked_head = old
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    """The rows of a run directory's ``metrics.jsonl``, in order."""
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def sft_run(tmp_path, tiny_model_dir, alpaca_file):
+    """A 3-step SFT run on the tiny Llama (a starting adapter for rm, dpo and ppo tests)."""
+    from llamatune.cli import main as cli
+
+    recipe = make_recipe(tmp_path / "sft", tiny_model_dir, alpaca_file,
+                         model={"dtype": "float32"}, train={"max_steps": 3, "lr": 5e-2})
+    assert cli(["sft", str(recipe)]) == 0
+    return tmp_path / "sft" / "run"

@@ -3,7 +3,7 @@ then real tiny-model runs that trip them once, record them and show them in the 
 
 import json
 
-from conftest import WORDS, make_recipe, write_jsonl
+from conftest import WORDS, make_recipe, metrics_rows, write_jsonl
 from test_reward import _pairs
 
 from llamatune import health
@@ -131,9 +131,6 @@ def test_an_alarm_trips_once_and_a_resumed_run_remembers_it(tmp_path):
 
 # -- real tiny-model runs -------------------------------------------------------------------
 
-def _rows(run):
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
 
 def _report(run, capsys):
     capsys.readouterr()
@@ -159,7 +156,7 @@ def test_sft_eval_loss_rising_trips_once_is_recorded_and_reported(tmp_path, tiny
     out = capsys.readouterr().out
     assert out.count("ALARM eval_loss_rising at step ") == 1
     run = tmp_path / "run"
-    rows = _rows(run)
+    rows = metrics_rows(run)
     alarms = [r for r in rows if "alarm" in r]
     assert _names(alarms) == ["eval_loss_rising"] and alarms[0]["step"] == 5
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6], "rows unchanged"
@@ -169,7 +166,7 @@ def test_sft_eval_loss_rising_trips_once_is_recorded_and_reported(tmp_path, tiny
     # The same run with the alarms off: nothing printed, nothing recorded.
     assert cli(["sft", str(recipe), "train.alarms=false", f"output_dir={tmp_path / 'off'}"]) == 0
     assert "ALARM" not in capsys.readouterr().out
-    assert not [r for r in _rows(tmp_path / "off") if "alarm" in r]
+    assert not [r for r in metrics_rows(tmp_path / "off") if "alarm" in r]
     # ...and the replay finds what the live monitor found.
     assert _names(health.replay(tmp_path / "off")) == ["eval_loss_rising"]
 
@@ -197,7 +194,7 @@ def test_reward_model_on_half_swapped_pairs_is_at_chance(tmp_path, tiny_model_di
     assert cli(["rm", str(recipe)]) == 0
     assert capsys.readouterr().out.count("ALARM rm_chance at step 8") == 1
     run = tmp_path / "run"
-    alarms = [r for r in _rows(run) if "alarm" in r]
+    alarms = [r for r in metrics_rows(run) if "alarm" in r]
     assert _names(alarms) == ["rm_chance"] and alarms[0]["figures"]["eval_pairs"] == 20
     assert "0 of 60 training pairs" in alarms[0]["message"]
     text, _ = _report(run, capsys)
@@ -219,8 +216,8 @@ def test_dpo_normal_run_trips_nothing(tmp_path, tiny_model_dir, capsys):
     assert cli(["dpo", str(recipe)]) == 0
     assert "ALARM" not in capsys.readouterr().out
     run = tmp_path / "run"
-    assert not [r for r in _rows(run) if "alarm" in r] and health.replay(run) == []
-    assert len([r for r in _rows(run) if "reward_margin" in r]) == 12
+    assert not [r for r in metrics_rows(run) if "alarm" in r] and health.replay(run) == []
+    assert len([r for r in metrics_rows(run) if "reward_margin" in r]) == 12
 
 
 def test_ppo_alarm_on_a_real_run(tmp_path, tiny_model_dir, capsys, monkeypatch):
@@ -239,7 +236,7 @@ def test_ppo_alarm_on_a_real_run(tmp_path, tiny_model_dir, capsys, monkeypatch):
     assert cli(["ppo", str(recipe)]) == 0
     assert capsys.readouterr().out.count("ALARM entropy_collapse at step 6") == 1
     run = tmp_path / "run"
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert _names([r for r in rows if "alarm" in r]) == ["entropy_collapse"]
     text, _ = _report(run, capsys)
     assert "ALARM entropy_collapse at step 6 (recorded)" in text

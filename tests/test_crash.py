@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import make_recipe, write_jsonl
+from conftest import make_recipe, metrics_rows, write_jsonl
 from test_reward import _cfg_sections, _pairs
 
 from llamatune import training
@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _loss_rows(run):
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
@@ -152,7 +152,7 @@ def test_nan_loss_stops_before_the_update(tmp_path, tiny_model_dir, alpaca_file,
         assert match and torch.equal(live[match[0]], v), k
     # Resuming at a lower lr continues from the last good checkpoint.
     assert cli(["sft", str(path), "resume=true", "train.lr=1e-3"]) == 0
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
     assert sorted(lrs) == [1, 2, 3, 4, 5, 6] and lrs[3] < 1e-3 + 1e-12 < lrs[2]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
-from conftest import WORDS, make_recipe, write_jsonl
+from conftest import WORDS, make_recipe, metrics_rows, write_jsonl
 from safetensors import SafetensorError
 
 from llamatune import _atomic
@@ -165,7 +165,7 @@ def test_metrics_append_on_a_full_disk_stops_the_run_with_whole_rows(
     monkeypatch.setattr(_atomic, "open", fake_open, raising=False)
     assert cli(["sft", str(recipe)]) == 2
     _one_clear_error(capsys, "metrics.jsonl", "the disk is full")
-    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]  # the torn third row was cut off
 
 

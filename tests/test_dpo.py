@@ -1,12 +1,11 @@
 """The DPO stage on a tiny random Llama: trl's loss on the same batch, zero rewards at the
 start, a reference that never moves, accumulation, precomputed reference, saved adapter."""
 
-import json
 import math
 
 import pytest
 import torch
-from conftest import make_recipe, trainable_state_dict, write_jsonl
+from conftest import make_recipe, metrics_rows, write_jsonl
 from test_reward import _pairs
 
 from llamatune.cli import main as cli
@@ -31,17 +30,6 @@ def _recipe(tmp_path, tiny_model_dir, **extra):
     path = make_recipe(tmp_path, tiny_model_dir, data, **sections)
     return DPORecipe(load_config(path), str(path)), path
 
-
-def _rows(run):
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture
-def sft_run(tmp_path, tiny_model_dir, alpaca_file):
-    recipe = make_recipe(tmp_path / "sft", tiny_model_dir, alpaca_file,
-                         model={"dtype": "float32"}, train={"max_steps": 3, "lr": 5e-2})
-    assert cli(["sft", str(recipe)]) == 0
-    return tmp_path / "sft" / "run"
 
 
 @pytest.mark.parametrize("start", ["base", "sft"])
@@ -88,19 +76,6 @@ def test_reference_and_base_never_move(tmp_path, tiny_model_dir, sft_run):
     assert final.keys() == sft.keys() and any(not torch.equal(final[k], sft[k]) for k in sft)
 
 
-def test_accumulation_weighs_every_pair_equally(tmp_path, tiny_model_dir):
-    states = []
-    for i, (bs, acc) in enumerate(((4, 1), (2, 2))):
-        r, _ = _recipe(tmp_path / str(i), tiny_model_dir,
-                       train={"max_steps": 1, "batch_size": bs, "grad_accum": acc,
-                              "group_by_length": False})
-        r.setup()
-        r.train()
-        states.append({n: t.clone() for n, t in trainable_state_dict(r.net).items()})
-    for n in states[0]:
-        assert torch.allclose(states[0][n], states[1][n], atol=1e-6), n
-
-
 def test_precomputed_reference_gives_the_same_run(tmp_path, tiny_model_dir, sft_run):
     runs = []
     for i, pre in enumerate((False, True)):
@@ -108,7 +83,7 @@ def test_precomputed_reference_gives_the_same_run(tmp_path, tiny_model_dir, sft_
                        dpo={"precompute_ref": pre}, train={"max_steps": 3})
         r.setup()
         r.train()
-        runs.append(_rows(r.run_dir))
+        runs.append(metrics_rows(r.run_dir))
     for a, b in zip(*runs):
         for k in a:
             if k not in ("tokens_per_s",):
@@ -192,7 +167,7 @@ def test_saved_adapter_loads_with_plain_peft_and_gives_the_logged_accuracy(tmp_p
     r.setup()
     r.train()
     r.cleanup()
-    logged = [x for x in _rows(r.run_dir) if "eval_reward_accuracy" in x][-1]
+    logged = [x for x in metrics_rows(r.run_dir) if "eval_reward_accuracy" in x][-1]
 
     def logps(model, ids, labels):
         with torch.no_grad():

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import WORDS, make_recipe, write_jsonl
+from conftest import WORDS, make_recipe, metrics_rows, write_jsonl
 
 from llamatune.cli import main as cli
 from llamatune.config import ConfigError, LoraConfig, ModelConfig, load_config
@@ -26,7 +26,7 @@ def bf16(monkeypatch):
 
 
 def _losses(run):
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     return [r["loss"] for r in rows if "loss" in r]
 
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import metrics_rows
 
 from llamatune.cli import main as cli
 
@@ -22,7 +23,7 @@ def test_sft_on_default_model_then_generate(tmp_path, capsys):
                 "data.max_samples=24", "train.eval_every=0", "train.save_every=0",
                 "train.progress=false"])
     assert code == 0
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 6 and all(x == x for x in losses)
     assert (run / "adapter_model.safetensors").exists()
@@ -40,7 +41,7 @@ def test_vicuna_multi_turn_llama2_template_loss_falls(tmp_path):
                 "train.warmup_steps=0", "data.max_samples=32", "train.eval_every=0",
                 "train.save_every=0", "train.progress=false"])
     assert code == 0
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert sum(losses[-2:]) < sum(losses[:2])
 
@@ -95,7 +96,7 @@ def test_ppo_arithmetic_recipe_starts_learning_and_merges(tmp_path, capsys):
     assert cli(["ppo", "recipes/ppo_arithmetic.yaml", f"output_dir={run}", "train.max_steps=4",
                 "train.eval_every=0", "train.save_every=0", "train.progress=false",
                 "data.eval_split=8", "ppo.rollout_batch=2"]) == 0
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     steps = [r for r in rows if "reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert steps[0]["kl"] == 0.0 and steps[0]["ratio_mean"] == 1.0

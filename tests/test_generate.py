@@ -8,7 +8,7 @@ import torch
 from conftest import make_recipe, write_jsonl
 
 from llamatune.cli import main as cli
-from llamatune.rollout import generate, sample_next
+from llamatune.decoding import generate, sample_next
 
 
 @pytest.fixture(scope="module")

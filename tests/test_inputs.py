@@ -12,7 +12,7 @@ import string
 
 import pytest
 import yaml
-from conftest import make_recipe, write_jsonl
+from conftest import make_recipe, metrics_rows, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -107,7 +107,7 @@ def test_max_steps_minus_one_or_null_means_no_cap(tmp_path, tiny_model_dir, cap)
     argv = _sft(tmp_path, tiny_model_dir, data, f"train.max_steps={cap}", "train.epochs=2",
                 "data.eval_split=0")
     assert cli(argv) == 0
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path / "run")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # 8 rows, batch 4, 2 epochs
     assert load_config(tmp_path / "run" / "config.yaml").train.step_cap == 0
 

@@ -2,17 +2,17 @@
 ratio 1 before the first update, the reference is the starting model, the base never moves,
 a toy reward rises, errors."""
 
-import json
 import math
 
 import pytest
 import torch
-from conftest import WORDS, make_recipe, write_jsonl
+from conftest import WORDS, make_recipe, metrics_rows, write_jsonl
 
 from llamatune import advantages as A
 from llamatune.cli import main as cli
 from llamatune.config import ConfigError, load_config
-from llamatune.recipes.ppo import PPORecipe, _partition
+from llamatune.experience import dense, minibatch, partition
+from llamatune.recipes.ppo import PPORecipe, _rollout
 
 TOY = '''
 def cat_count(prompts, responses, **fields):
@@ -57,9 +57,6 @@ def _recipe(tmp_path, model_dir, **extra):
     return PPORecipe(load_config(path), str(path)), path
 
 
-def _rows(run):
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
 
 # -- the estimators --------------------------------------------------------------------------
 
@@ -90,7 +87,6 @@ def test_group_advantages_and_kl_estimators():
     want = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).reshape(-1)
     assert torch.allclose(grpo, want)
     logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -2.0])
-    assert A.kl_k1(logp, ref).tolist() == [0.5, 0.0]
     k3 = A.kl_k3(logp, ref)
     assert k3[1] == 0 and k3[0] == pytest.approx(math.exp(-0.5) + 0.5 - 1)
     mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
@@ -120,13 +116,6 @@ def test_clipped_losses_and_adaptive_kl():
 
 # -- the stage -------------------------------------------------------------------------------
 
-@pytest.fixture
-def sft_run(tmp_path, tiny_model_dir, alpaca_file):
-    recipe = make_recipe(tmp_path / "sft", tiny_model_dir, alpaca_file,
-                         model={"dtype": "float32"}, train={"max_steps": 3, "lr": 5e-2})
-    assert cli(["sft", str(recipe)]) == 0
-    return tmp_path / "sft" / "run"
-
 
 @pytest.mark.parametrize("start", ["base", "sft"])
 def test_kl_is_zero_and_ratio_one_before_the_first_update(tmp_path, tiny_model_dir, sft_run,
@@ -136,18 +125,16 @@ def test_kl_is_zero_and_ratio_one_before_the_first_update(tmp_path, tiny_model_d
     r.setup()
     rows = [r.train_samples[i] for i in range(4) for _ in range(2)]
     torch.manual_seed(0)
-    roll = r._rollout(rows)
-    parts = _partition(len(rows), r.cfg.train.batch_size, seed=1)
+    roll = _rollout(r, rows)
+    parts = partition(len(rows), r.cfg.train.batch_size, seed=1)
     scored = r._score(roll, parts)
-    assert torch.equal(scored["kl"], torch.zeros_like(scored["kl"]))
-    assert roll["mask"].sum() > 0
-    from llamatune.rollout import dense
-
+    assert torch.equal(scored.kl, torch.zeros_like(scored.kl))
+    assert roll.mask.sum() > 0
     with torch.no_grad():  # the first mini-batch of the first epoch: ratio exactly 1
-        mb, w = r._sub(roll["batch"], parts[0])
+        mb, w = minibatch(roll.batch, parts[0], r.device)
         out = r.net("logprobs", mb, temperature=r.cfg.ppo.temperature)
-        logp = dense(out["logp"].float(), roll["mask"][parts[0], :w])
-    assert torch.equal(logp, scored["old"][parts[0], :w])
+        logp = dense(out["logp"].float(), roll.mask[parts[0], :w])
+    assert torch.equal(logp, scored.old[parts[0], :w])
 
 
 def test_reference_is_the_starting_model(tmp_path, tiny_model_dir, sft_run):
@@ -183,7 +170,7 @@ def test_base_weights_never_move_and_metrics_are_per_iteration(tmp_path, tiny_mo
         if not torch.equal(before[n], p.detach()):
             moved.add(n)
     assert moved and all(".policy." in n or n.startswith("heads.value") for n in moved), moved
-    rows = _rows(r.run_dir)
+    rows = metrics_rows(r.run_dir)
     train_rows = [x for x in rows if "loss" in x]
     assert [x["step"] for x in train_rows] == [1, 2, 3]
     need = {"reward_mean", "reward_std", "kl", "kl_k3", "entropy", "policy_loss", "value_loss",
@@ -208,7 +195,7 @@ def test_a_toy_reward_rises(tmp_path, tiny_model_dir, advantage):
                    lora={"r": 8, "alpha": 16})
     r.setup()
     r.train()
-    rewards = [x["reward_mean"] for x in _rows(r.run_dir) if "reward_mean" in x]
+    rewards = [x["reward_mean"] for x in metrics_rows(r.run_dir) if "reward_mean" in x]
     assert len(rewards) == 16
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.2, rewards
@@ -253,7 +240,7 @@ def test_ppo_against_a_reward_model_on_the_same_base(tmp_path, tiny_model_dir):
             {"role": "assistant", "content": "the cat is blue thanks"}]
     assert r.rm.score([conv])[0] == pytest.approx(alone.score([conv])[0], abs=1e-5)
     r.train()
-    rows = _rows(r.run_dir)
+    rows = metrics_rows(r.run_dir)
     assert [x["step"] for x in rows if "loss" in x] == [1, 2]
     assert "eval_reward" in rows[-1] and "eval_accuracy" not in rows[-1]
     reward_params = {n: p for n, p in r.net.named_parameters() if ".reward." in n
@@ -285,7 +272,7 @@ def test_one_pass_update_equals_scoring_first(tmp_path, tiny_model_dir, monkeypa
             assert r._one_pass(2)
         r.train()
         r.cleanup()
-        rows = [x for x in _rows(r.run_dir) if "reward_mean" in x]
+        rows = [x for x in metrics_rows(r.run_dir) if "reward_mean" in x]
         return rows, st.load_file(r.run_dir / "adapter_model.safetensors"), calls
 
     one, w1, calls1 = run("one", False)
@@ -320,7 +307,7 @@ def test_entropy_bonus_and_kl_loss_act_and_keep_the_one_pass(tmp_path, tiny_mode
         assert r._one_pass(2)
         r.train()
         r.cleanup()
-        return [x for x in _rows(r.run_dir) if "reward_mean" in x]
+        return [x for x in metrics_rows(r.run_dir) if "reward_mean" in x]
 
     plain = run("plain")
     ent = run("ent", entropy_coef=0.5)
@@ -353,7 +340,7 @@ def test_kl_loss_acts_under_gae(tmp_path, tiny_model_dir):
         r.setup()
         r.train()
         r.cleanup()
-        rows = [x for x in _rows(r.run_dir) if "reward_mean" in x]
+        rows = [x for x in metrics_rows(r.run_dir) if "reward_mean" in x]
         return sum(x["kl"] for x in rows[-4:]) / 4, rows
 
     plain, _ = run("plain")

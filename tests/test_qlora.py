@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import WORDS, lm_loss_sum, make_recipe, write_jsonl
+from conftest import WORDS, lm_loss_sum, make_recipe, metrics_rows, write_jsonl
 
 from llamatune.cli import main as cli
 from llamatune.config import load_config
@@ -76,7 +76,7 @@ def test_qlora_sft_moves_adapter_and_keeps_4bit_base_frozen(qlora):
             frozen += 1
     assert moved == 2 * 7 and frozen > 2 * 7
     run = recipe.run_dir
-    losses = [json.loads(x).get("loss") for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r.get("loss") for r in metrics_rows(run)]
     assert all(x == x for x in losses if x is not None)
     assert load_config(run / "config.yaml").model.quantization == "4bit"
 
@@ -181,7 +181,7 @@ def test_qlora_recipe_on_default_model_then_merge(tmp_path, capsys, default_mode
     assert cli(["sft", "recipes/alpaca_qlora.yaml", f"output_dir={run}", "train.max_steps=4",
                 "train.batch_size=4", "data.max_samples=16", "data.eval_split=4",
                 "train.eval_every=0", "train.save_every=0", "train.progress=false"]) == 0
-    losses = [json.loads(x).get("loss") for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r.get("loss") for r in metrics_rows(run)]
     assert len([x for x in losses if x is not None]) == 4
     assert cli(["merge", str(run), "--out", str(out), "--samples", "4"]) == 0
     assert "passed" in capsys.readouterr().out
@@ -212,7 +212,7 @@ def _loss_rows(root, model_dir, eval_every, steps=8):
     recipe = SFTRecipe(load_config(path), str(path))
     recipe.setup()
     recipe.train()
-    rows = [json.loads(x) for x in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(recipe.run_dir)
     return [r["loss"] for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
 
 

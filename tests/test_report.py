@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import make_recipe
+from conftest import make_recipe, metrics_rows
 
 from llamatune.cli import main as cli
 
@@ -28,7 +28,7 @@ def test_a_finished_run_has_its_plots_and_report_redraws_them(tmp_path, tiny_mod
                                                                             "loss.png")
     assert cli(["report", str(run), "--json"]) == 0
     fig = json.loads(capsys.readouterr().out)
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert fig["eval_loss"]["first"] == evals[0] and fig["eval_loss"]["last"] == evals[-1]
     assert fig["steps"] == 4 and fig["finished"]

@@ -4,7 +4,7 @@ import json
 import random
 
 import pytest
-from conftest import WORDS, make_recipe, trainable_state_dict, write_jsonl
+from conftest import WORDS, make_recipe, metrics_rows, write_jsonl
 
 from llamatune.cli import main as cli
 from llamatune.config import load_config
@@ -54,10 +54,6 @@ def _recipe(tmp_path, tiny_model_dir, pref_file, **extra):
     return RewardRecipe(load_config(path), str(path)), path
 
 
-def _rows(run):
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_tiny_model_learns_separable_pairs(tmp_path, tiny_model_dir, pref_file):
     r, _ = _recipe(tmp_path, tiny_model_dir, pref_file,
                    train={"max_steps": 24, "lr": 2e-2, "warmup_steps": 2})
@@ -65,7 +61,7 @@ def test_tiny_model_learns_separable_pairs(tmp_path, tiny_model_dir, pref_file):
     held = {s["group"] for s in r.eval_samples}
     assert len(held) == 2 and not held & {s["group"] for s in r.train_samples}
     r.train()
-    rows = _rows(tmp_path / "run")
+    rows = metrics_rows(tmp_path / "run")
     train_rows = [x for x in rows if "loss" in x]
     assert all({"step", "loss", "lr", "tokens_per_s", "accuracy"} <= set(x) for x in train_rows)
     assert sum(x["loss"] for x in train_rows[-4:]) < 0.5 * sum(x["loss"] for x in train_rows[:4])
@@ -198,21 +194,6 @@ def test_pair_rows_give_each_side_its_own_hidden_states(tiny_model_dir, tiny_tok
                 assert int(lp["count"][idx]) == int(one["count"][0])
 
 
-def test_accumulation_weighs_every_pair_equally(tmp_path, tiny_model_dir, pref_file):
-    import torch
-
-    states = []
-    for i, (bs, acc) in enumerate(((4, 1), (2, 2))):
-        r, _ = _recipe(tmp_path / str(i), tiny_model_dir, pref_file, model={"dtype": "float32"},
-                       train={"max_steps": 1, "batch_size": bs, "grad_accum": acc,
-                              "group_by_length": False})
-        r.setup()
-        r.train()
-        states.append({n: t.clone() for n, t in trainable_state_dict(r.net).items()})
-    for n in states[0]:
-        assert torch.allclose(states[0][n], states[1][n], atol=1e-6), n
-
-
 def test_margin_and_center_terms(tmp_path, tiny_model_dir, pref_file):
     import math
 
@@ -236,7 +217,7 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir, pref_file):
                 model={"dtype": "float32"})
 
     def losses(run):
-        return [x["loss"] for x in _rows(run) if "loss" in x]
+        return [x["loss"] for x in metrics_rows(run) if "loss" in x]
 
     r, _ = _recipe(tmp_path / "a", tiny_model_dir, pref_file, **base)
     r.setup()
@@ -387,7 +368,7 @@ def test_rm_on_default_model_then_score(tmp_path, default_model_available, capsy
                 "train.batch_size=4", "data.max_samples=16", "data.eval_split=1",
                 "train.eval_every=0", "train.save_every=0", "train.progress=false"])
     assert code == 0
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert len([r for r in rows if "loss" in r]) == 4
     final = rows[-1]
     assert "eval_accuracy" in final and math_finite(final["eval_loss"])

@@ -20,7 +20,7 @@ import time
 
 import pytest
 import yaml
-from conftest import make_recipe, write_jsonl
+from conftest import make_recipe, metrics_rows, write_jsonl
 
 from llamatune import _stop
 from llamatune.cli import main as cli
@@ -31,7 +31,7 @@ SEED = int(os.environ.get("LLAMATUNE_SIGNAL_SEED", 0))
 
 
 def _loss_rows(run):
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 

@@ -1,12 +1,11 @@
 """``train.report_to``: every metrics row also goes to TensorBoard, wandb or trackio; none is
 required, and a missing one is refused before anything is written."""
 
-import json
 import sys
 import types
 
 import pytest
-from conftest import make_recipe
+from conftest import make_recipe, metrics_rows
 
 from llamatune.cli import main as cli
 
@@ -60,7 +59,7 @@ def test_every_metrics_row_reaches_the_tracker(name, tmp_path, tiny_model_dir, a
     recipe = make_recipe(tmp_path, tiny_model_dir, alpaca_file, model={"dtype": "float32"},
                          train={"max_steps": 3, "eval_every": 3, "report_to": name})
     assert cli(["sft", str(recipe)]) == 0
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path / "run")
     init = [c for c in rec.calls if c[0] == "init"]
     assert len(init) == 1 and init[0][1]["name"] == "run"
     assert init[0][1]["config"]["train"]["max_steps"] == 3

@@ -103,6 +103,7 @@ class DPORecipe(BatchStage):
         self.net = loader.finish(self.loaded)
         self.tokenizer, self.device = self.loaded.tokenizer, self.loaded.device
         self.pad_id = self.tokenizer.pad_token_id
+        self.ref = {}  # split -> [pairs, 2] reference log-probs, when precomputed
         if cfg.dpo.precompute_ref:
             self._precompute_reference()
         self.loop = training.Loop(cfg, self, self.loaded, begun, has_eval=bool(self.eval_samples))
@@ -111,7 +112,7 @@ class DPORecipe(BatchStage):
         print(loader.model_line(cfg.model.path, self.loaded, ref), flush=True)
 
     def _precompute_reference(self) -> None:
-        """Score every pair once with the reference; batches then carry ``ref_logp``."""
+        """Score every pair once with the reference: ``self.ref`` then holds the log-probs."""
         import dataclasses
 
         import torch
@@ -120,28 +121,40 @@ class DPORecipe(BatchStage):
         tc = dataclasses.replace(self.cfg.train, batch_size=2 * self.cfg.train.batch_size)
         self.net.eval()
         with torch.no_grad():
-            for samples in (self.train_samples, self.eval_samples):
-                order = sorted(samples, key=lambda s: max(len(s["chosen_ids"]),
-                                                          len(s["rejected_ids"])))
+            for split, samples in (("train", self.train_samples), ("eval", self.eval_samples)):
+                ref = torch.zeros((len(samples), 2), dtype=torch.float64)
+                order = sorted(range(len(samples)), key=lambda i: max(
+                    len(samples[i]["chosen_ids"]), len(samples[i]["rejected_ids"])))
                 for i in range(0, len(order), tc.batch_size):
                     part = order[i : i + tc.batch_size]
-                    b = training.pair_batches(part, tc, 0, self.pad_id, shuffle=False)[0]
+                    b = training.pair_batches([samples[k] for k in part], tc, 0, self.pad_id,
+                                              shuffle=False)[0]
                     seq = self._logprobs(b, self.reference)["seq"].tolist()
-                    for k, s in enumerate(part):
-                        s["ref_logp"] = [seq[k], seq[len(part) + k]]
+                    for j, k in enumerate(part):
+                        ref[k] = torch.tensor([seq[j], seq[len(part) + j]], dtype=torch.float64)
+                self.ref[split] = ref
         self.net.train()
 
     # -- what the shared loop asks of this stage --------------------------------------------
     def batches(self, epoch: int) -> list[dict]:
         """The epoch's micro-batches: both sides of each pair, chosen rows first."""
-        return training.pair_batches(self.train_samples, self.cfg.train, epoch, self.pad_id)
+        return self._split(training.pair_batches(self.train_samples, self.cfg.train, epoch,
+                                                 self.pad_id), "train")
+
+    def _split(self, batches: list[dict], split: str) -> list[dict]:
+        """Tag ``batches`` with the split they come from (where precomputed log-probs are)."""
+        for b in batches:
+            b["split"] = split
+        return batches
 
     def count(self, batch: dict) -> int:
         """Pairs."""
         return training.n_pairs(batch)
 
     def _logprobs(self, batch: dict, adapter: str | None = None) -> dict:
-        b = {k: v.to(self.device) for k, v in batch.items() if k != "ref_logp"}
+        from llamatune.data.collate import PAIR_KEYS
+
+        b = {k: batch[k].to(self.device) for k in PAIR_KEYS}
         return self.net("logprobs", b, adapter=adapter)
 
     def loss(self, batch: dict):
@@ -150,8 +163,10 @@ class DPORecipe(BatchStage):
 
         d = self.cfg.dpo
         policy = self._logprobs(batch)
-        if "ref_logp" in batch:
-            reference = batch["ref_logp"].to(policy["seq"])
+        ref = self.ref.get(batch.get("split"))
+        if ref is not None:  # precomputed: chosen rows first, then rejected
+            idx = batch["index"]
+            reference = torch.cat([ref[idx, 0], ref[idx, 1]]).to(policy["seq"])
         else:
             with torch.no_grad():
                 reference = self._logprobs(batch, self.reference)["seq"]
@@ -161,8 +176,8 @@ class DPORecipe(BatchStage):
     def evaluate(self) -> dict:
         """The loss and implicit-reward figures over the held-out pairs (per pair)."""
         sums, pairs = {}, 0
-        for batch in training.pair_batches(self.eval_samples, self.cfg.train, 0, self.pad_id,
-                                           shuffle=False):
+        for batch in self._split(training.pair_batches(self.eval_samples, self.cfg.train, 0,
+                                                       self.pad_id, shuffle=False), "eval"):
             loss, figures = self.loss(batch)
             for k, v in {"loss": loss.item(), **figures}.items():
                 sums[k] = sums.get(k, 0.0) + v

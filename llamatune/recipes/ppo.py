@@ -26,12 +26,24 @@ prompts are answered greedily at the start, on ``train.eval_every`` and at the e
 from __future__ import annotations
 
 import json
-import math
 import time
 
 from llamatune import dist, training
+from llamatune.advantages import AdaptiveKL
 from llamatune.config import Config
 from llamatune.errors import UserError
+from llamatune.experience import (
+    RewardNorm,
+    Rollout,
+    Scored,
+    advantages_of,
+    dense,
+    minibatch,
+    partition,
+    response_batch,
+    score,
+    shape_scores,
+)
 from llamatune.recipes import IterativeStage, StepResult
 
 __all__ = ["PPORecipe", "main"]
@@ -71,10 +83,10 @@ class PPORecipe(IterativeStage):
         if start is not None:
             start = str(keep_copy(self.run_dir, start, REFERENCE_DIR))
         self.reference = loader.add_policy(self.loaded, cfg.lora, start, dropout=0.0)
-        self.rm = self._reward_model() if p.reward_model else None
+        self.rm = _reward_model(cfg, self.loaded) if p.reward_model else None
         self.gae = p.advantage == "gae"
         if self.gae:
-            self._value_head()
+            _value_head(self.loaded, self.rm)
         self.net = loader.finish(self.loaded)
         if self.rm is not None and self.rm.net is None:
             self.rm.net = self.net  # stacked on this base
@@ -82,40 +94,14 @@ class PPORecipe(IterativeStage):
         self.tokenizer, self.device = self.loaded.tokenizer, self.loaded.device
         self.pad_id = self.tokenizer.pad_token_id
         self.stop_ids = stop_token_ids(self.tokenizer, cfg.data.template)
-        self.kl = _adaptive_kl(p)
-        self.reward_stats = [0.0, 0.0, 0.0]  # count, mean, M2 (Welford) for ppo.reward_norm
+        self.kl = AdaptiveKL(p.kl_coef, p.kl_target, p.kl_horizon)
+        self.norm = RewardNorm()  # ppo.reward_norm's running statistics
         self.loop = training.Loop(cfg, self, self.loaded, begun, has_eval=bool(self.eval_samples))
         ref = f"the SFT adapter {cfg.model.adapter}, frozen" if start else "the base"
         reward = (f"reward model {p.reward_model} ({'stacked' if self.rm.adapter else 'own copy'})"
                   if self.rm else f"reward {p.reward_fn}")
         print(loader.model_line(cfg.model.path, self.loaded, f" (reference: {ref}; {reward}; "
                                 f"{p.advantage})"), flush=True)
-
-    def _reward_model(self):
-        """The reward model: stacked on this base when it shares it, else its own copy."""
-        from llamatune.rundir import Run
-        from llamatune.score import attach_reward, load_reward_model
-
-        rm_cfg = Run.open(self.cfg.ppo.reward_model, stages=("rm",), use="ppo.reward_model").cfg
-        m, r = self.cfg.model, rm_cfg.model
-        if (r.path, r.quantization, r.dtype) == (m.path, m.quantization, m.dtype):
-            return attach_reward(self.loaded, self.cfg.ppo.reward_model)
-        return load_reward_model(self.cfg.ppo.reward_model, device=m.device)
-
-    def _value_head(self) -> None:
-        """PPO's critic: a scalar head on the policy's hidden states, from the RM's if it fits."""
-        import torch
-
-        from llamatune import model as loader
-
-        head = loader.add_head(self.loaded, "value", bias=True)
-        source = None
-        if self.rm is not None:
-            source = (self.loaded.heads.get(self.rm.head) if self.rm.adapter else
-                      self.rm.net.heads[self.rm.head])
-        if source is not None and source.linear.weight.shape == head.linear.weight.shape:
-            with torch.no_grad():
-                head.linear.weight.copy_(source.linear.weight)
 
     # -- what the shared loop asks of this stage --------------------------------------------
     def batches(self, epoch: int) -> list[dict]:
@@ -138,29 +124,28 @@ class PPORecipe(IterativeStage):
         """One rollout batch and its PPO epochs (see the module docstring)."""
         import torch
 
-        p = self.cfg.ppo
+        p, tc = self.cfg.ppo, self.cfg.train
         rows = [self.train_samples[i] for i in batch["idx"] for _ in range(p.k)]
         t0 = time.perf_counter()
-        torch.manual_seed(self.cfg.train.seed * 1_000_003 + step)  # sampling, resumable
-        roll = self._rollout(rows)
-        parts = _partition(len(rows), self.cfg.train.batch_size, seed=self.cfg.train.seed
-                           * 7919 + step)
+        torch.manual_seed(tc.seed * 1_000_003 + step)  # sampling, resumable
+        roll = _rollout(self, rows)
+        parts = partition(len(rows), tc.batch_size, seed=tc.seed * 7919 + step)
         one_pass = self._one_pass(len(parts))
         scored = self._score(roll, parts, one_pass)
         rollout_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        figures, loss, grad_norm = self._update(updates, roll, scored, parts, one_pass)
-        if one_pass and scored["ref"] is not None:
-            scored["kl"] = (scored["old"] - scored["ref"]) * roll["mask"]
-        figures.update(self._rollout_figures(roll, scored), rollout_s=round(rollout_s, 3),
-                       update_s=round(time.perf_counter() - t1, 3), kl_coef=self.kl.coef,
-                       tokens=int(roll["mask"].sum()), loss=loss)
+        figures, loss, grad_norm = _update(self, updates, roll, scored, parts, one_pass)
+        if one_pass and scored.ref is not None:
+            scored.kl = (scored.old - scored.ref) * roll.mask
+        figures.update(_rollout_figures(roll, scored, None if self.gae else p.k),
+                       rollout_s=round(rollout_s, 3), update_s=round(time.perf_counter() - t1, 3),
+                       kl_coef=self.kl.coef, tokens=int(roll.mask.sum()), loss=loss)
         figures = dist.mean(figures)  # every process then adapts and stops alike
         tokens, loss = int(figures.pop("tokens") * dist.world().size), figures.pop("loss")
         if "kl" in figures:
             self.kl.update(figures["kl"], len(rows))
         if p.sample_every and (step + 1) % p.sample_every == 0 and dist.world().main:
-            self._write_samples(step + 1, rows, roll, scored)
+            _write_samples(self.run_dir, step + 1, roll, scored)
         if p.max_kl is not None and not figures.get("kl", 0.0) <= p.max_kl:
             raise training.TrainingDiverged(
                 f"ppo.max_kl: the mean KL to the reference reached {figures['kl']:.3g} at "
@@ -175,229 +160,32 @@ class PPORecipe(IterativeStage):
         iteration: every mini-batch is then scored by the very weights that sampled it, so
         the old log-probs *are* the update's (detached; the ratios are exactly 1) and nothing
         else needs them first. The reference is then run only to measure the KL for
-        ``ppo.max_kl`` (skipped without a bound).
+        ``ppo.max_kl`` (skipped without a bound) or for the KL anchor ``ppo.kl_loss_coef``.
         """
         p = self.cfg.ppo
         return (not self.gae and p.epochs == 1 and p.kl_coef == 0 and p.kl_target is None
                 and n_parts <= self.cfg.train.grad_accum)
 
-    def _generate(self, prompts, **kw):
-        """The policy's responses to ``prompts`` (see :func:`llamatune.rollout.generate`).
-
-        Under FSDP2 from whole weights (each process decodes its own number of steps); under
-        ZeRO-3 every process decodes in step, its layers gathering inside their forward.
-        """
-        from llamatune.rollout import generate
-
-        with dist.full_params(self.net):
-            return generate(self.net.model, self.tokenizer, prompts, stop_ids=self.stop_ids,
-                            max_new_tokens=self.cfg.ppo.max_new_tokens,
-                            synced=dist.world().zero == 3, **kw)
-
-    def _rollout(self, rows) -> dict:
-        from llamatune.rollout import response_batch
-
-        p = self.cfg.ppo
-        prompts = [s["input_ids"] for s in rows]
-        resp = self._generate(prompts, temperature=p.temperature, top_p=p.top_p)
-        batch = response_batch(prompts, resp.ids, self.pad_id)
-        return {"batch": batch, "mask": batch["labels"][:, 1:] != -100, "text": resp.text,
-                "ids": resp.ids, "ended": resp.ended, "rows": rows}
-
-    def _score(self, roll, parts, one_pass: bool = False) -> dict:
+    def _score(self, roll: Rollout, parts, one_pass: bool = False) -> Scored:
         """Old and reference log-probs, values and rewards of a rollout, in the update's parts.
 
         With ``one_pass`` (see :meth:`_one_pass`) the policy is not scored here: the update
         fills ``old`` and ``entropy`` from its own forward; the reference runs only when
-        ``ppo.max_kl`` needs the KL (``ref`` is ``None`` otherwise).
+        ``ppo.max_kl`` or ``ppo.kl_loss_coef`` needs it (``ref`` is ``None`` otherwise).
         """
-        import torch
-
-        from llamatune.rollout import dense
-
-        p, b, mask = self.cfg.ppo, roll["batch"], roll["mask"]
-        n, t = mask.shape
-        old, ref = torch.zeros(n, t), torch.zeros(n, t)
-        values, entropy = torch.zeros(n, t), torch.zeros(n, t)
+        p = self.cfg.ppo
         need_ref = not one_pass or p.max_kl is not None or p.kl_loss_coef > 0
-        with torch.no_grad():
-            for idx in parts:
-                mb, w = self._sub(b, idx)
-                m = mask[idx, :w]
-                if not one_pass:
-                    out = self.net("logprobs", mb, temperature=p.temperature, entropy=True,
-                                   values="value" if self.gae else None)
-                    old[idx, :w] = dense(out["logp"].float().cpu(), m)
-                    entropy[idx, :w] = dense(out["entropy"].float().cpu(), m)
-                    if self.gae:
-                        values[idx, :w] = out["values"].float().cpu() * m
-                if need_ref:
-                    r = self.net("logprobs", mb, adapter=self.reference,
-                                 temperature=p.temperature)
-                    ref[idx, :w] = dense(r["logp"].float().cpu(), m)
-        scores = torch.tensor(self._rewards(roll), dtype=torch.float32)
-        raw = scores.clone()
-        if p.missing_eos_penalty is not None:
-            scores = scores + p.missing_eos_penalty * (~torch.tensor(roll["ended"])).float()
-        if p.reward_clip is not None:
-            scores = scores.clamp(-p.reward_clip, p.reward_clip)
-        if p.reward_norm:
-            scores = self._normalize(scores)
-        kl = (old - ref) * mask
-        if self.gae:
-            from llamatune.advantages import gae, whiten
-
-            rewards = -self.kl.coef * kl
-            last = mask.float().cumsum(-1).argmax(-1)  # each response's last token
-            rewards[torch.arange(n), last] += scores
-            adv, returns = gae(rewards, values, mask, p.gamma, p.lam)
-            adv = whiten(adv, mask)
-        else:
-            from llamatune.advantages import group_advantages
-
-            seq = scores - self.kl.coef * kl.sum(-1)
-            adv = group_advantages(seq, p.k, p.advantage)[:, None] * mask
-            returns = torch.zeros_like(adv)
-        return {"old": old, "ref": ref if need_ref else None, "values": values,
-                "entropy": entropy, "adv": adv, "returns": returns, "scores": raw,
-                "shaped": scores, "kl": kl}
-
-    def _rewards(self, roll) -> list[float]:
-        rows, text = roll["rows"], roll["text"]
-        if self.rm is not None:
-            convs = [s["messages"] + [{"role": "assistant", "content": r}]
-                     for s, r in zip(rows, text)]
-            return self.rm.score(convs, batch_size=self.cfg.train.batch_size)
-        prompts = [s["messages"][-1]["content"] for s in rows]
-        keys = sorted({k for s in rows for k in s["fields"]})
-        fields = {k: [s["fields"].get(k) for s in rows] for k in keys}
-        out = self.reward_fn(prompts, text, **fields)
-        if len(out) != len(text) or not all(isinstance(x, (int, float)) for x in out):
-            raise UserError(f"ppo.reward_fn {self.cfg.ppo.reward_fn} returned {len(out)} "
-                            f"values for {len(text)} responses; it must return one number each.")
-        return [float(x) for x in out]
-
-    def _normalize(self, scores):
-        n, mean, m2 = self.reward_stats
-        for x in scores.tolist():
-            n += 1
-            d = x - mean
-            mean += d / n
-            m2 += d * (x - mean)
-        self.reward_stats = [n, mean, m2]
-        std = math.sqrt(m2 / max(n - 1, 1)) if n > 1 else 1.0
-        return (scores - mean) / (std + 1e-6)
-
-    def _update(self, updates, roll, scored, parts,
-                one_pass: bool = False) -> tuple[dict, float, float | None]:
-        """``ppo.epochs`` passes of clipped PPO over the rollout, ``train.grad_accum`` parts a step."""
-        import torch
-
-        from llamatune.advantages import kl_k3, masked_mean, policy_loss, value_loss
-        from llamatune.rollout import dense
-
-        p, tc = self.cfg.ppo, self.cfg.train
-        mask, b = roll["mask"], roll["batch"]
-        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0,
-                "ratio_mean": 0.0, "kl_loss": 0.0, "entropy_bonus": 0.0}
-        ent_mode = "grad" if p.entropy_coef > 0 else one_pass
-        done = skipped = pending = 0
-        grad_norm, loss_acc = None, 0.0
-        for epoch in range(p.epochs):
-            order = parts if epoch == 0 else _partition(len(mask), tc.batch_size,
-                                                        seed=self.cfg.train.seed + epoch)
-            for idx in order:
-                mb, w = self._sub(b, idx)
-                m = mask[idx, :w].to(self.device)
-
-                def part(key, idx=idx, w=w):
-                    return scored[key][idx, :w].to(self.device)
-
-                out = self.net("logprobs", mb, temperature=p.temperature, entropy=ent_mode,
-                               values="value" if self.gae else None)
-                logp = dense(out["logp"].float(), m)
-                if one_pass:  # the weights that sampled this mini-batch score it
-                    scored["old"][idx, :w] = logp.detach().cpu()
-                    scored["entropy"][idx, :w] = dense(out["entropy"].float(), m).detach().cpu()
-                pg, clipfrac, approx_kl, ratio = policy_loss(logp, part("old"), part("adv"), m,
-                                                             p.cliprange)
-                loss = pg
-                kl_term = ent_term = torch.zeros(())
-                if p.kl_loss_coef > 0:
-                    kl_term = masked_mean(kl_k3(logp, part("ref")), m)
-                    loss = loss + p.kl_loss_coef * kl_term
-                if p.entropy_coef > 0:
-                    ent_term = masked_mean(dense(out["entropy"].float(), m), m)
-                    loss = loss - p.entropy_coef * ent_term
-                vf = torch.zeros(())
-                if self.gae:
-                    vf = value_loss(out["values"] * m, part("values"), part("returns"), m,
-                                    p.cliprange_value)
-                    loss = loss + p.vf_coef * vf
-                # NaN included: nothing learns from it (on any process: their steps stay in step)
-                if dist.all_sum([0.0 if ratio <= p.ratio_threshold else 1.0])[0] > 0:
-                    skipped += 1
-                    continue
-                updates.backward(loss / tc.grad_accum, boundary=pending + 1 == tc.grad_accum)
-                loss_acc += float(loss.detach())
-                pending += 1
-                done += 1
-                for k, v in (("policy_loss", float(pg.detach())), ("value_loss", float(vf.detach())),
-                             ("clipfrac", clipfrac), ("approx_kl", approx_kl), ("ratio_mean", ratio),
-                             ("kl_loss", float(kl_term.detach())),
-                             ("entropy_bonus", float(ent_term.detach()))):
-                    sums[k] += v
-                if pending == tc.grad_accum:
-                    grad_norm = updates.apply(loss_acc / pending)
-                    pending, loss_acc = 0, 0.0
-        if pending:
-            grad_norm = updates.apply(loss_acc / pending)
-        figures = {k: v / max(done, 1) for k, v in sums.items()}
-        figures["skipped"] = skipped
-        if not self.gae:
-            figures.pop("value_loss")
-        for key, coef in (("kl_loss", p.kl_loss_coef), ("entropy_bonus", p.entropy_coef)):
-            if coef == 0:
-                figures.pop(key)
-        loss = (figures["policy_loss"] + p.vf_coef * figures.get("value_loss", 0.0)
-                + p.kl_loss_coef * figures.get("kl_loss", 0.0)
-                - p.entropy_coef * figures.get("entropy_bonus", 0.0))
-        return figures, loss, grad_norm
-
-    def _rollout_figures(self, roll, scored) -> dict:
-        from llamatune.advantages import kl_k3, masked_mean
-
-        mask = roll["mask"]
-        scores = scored["scores"]
-        out = {"reward_mean": float(scores.mean()),
-               "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-               "entropy": float(masked_mean(scored["entropy"], mask)),
-               "response_len": float(mask.sum(-1).float().mean()),
-               "no_eos_frac": float(1 - sum(roll["ended"]) / len(roll["ended"]))}
-        if not self.gae:  # prompts whose answers all scored alike teach nothing (advantage 0)
-            groups = scored["shaped"].view(-1, self.cfg.ppo.k)
-            out["flat_groups"] = float((groups.max(1).values == groups.min(1).values)
-                                       .float().mean())
-        if scored["ref"] is not None:  # measured unless nothing asks for it (see _one_pass)
-            out["kl"] = float(scored["kl"].sum(-1).mean())
-            out["kl_k3"] = float((kl_k3(scored["old"], scored["ref"]) * mask).sum(-1).mean())
-        return out
-
-    def _sub(self, batch: dict, idx) -> tuple[dict, int]:
-        """Rows ``idx`` of a rollout batch, cut to their longest row, on the device.
-
-        Returns:
-            The mini-batch and the width of its per-token tensors (its length minus one).
-        """
-        width = int(batch["attention_mask"][idx].sum(-1).max())
-        return {k: v[idx][:, :width].to(self.device) for k, v in batch.items()
-                if k in ("input_ids", "attention_mask", "labels")}, width - 1
+        logps = score(self.net, roll, parts, temperature=p.temperature, reference=self.reference,
+                      value_head="value" if self.gae else None, policy=not one_pass,
+                      need_ref=need_ref, device=self.device)
+        raw, shaped = shape_scores(_rewards(self, roll.rows, roll.text), roll.ended, p, self.norm)
+        return advantages_of(logps, raw, shaped, roll.mask, p, self.kl.coef, self.gae, need_ref)
 
     def evaluate(self) -> dict:
         """Greedy answers to the held-out prompts, scored by the reward."""
-        resp = self._generate([s["input_ids"] for s in self.eval_samples], greedy=True,
-                              batch_size=max(self.cfg.train.batch_size, 8))
-        scores = self._rewards({"rows": self.eval_samples, "text": resp.text})
+        resp = _generate(self, [s["input_ids"] for s in self.eval_samples], greedy=True,
+                         batch_size=max(self.cfg.train.batch_size, 8))
+        scores = _rewards(self, self.eval_samples, resp.text)
         n = max(len(scores), 1)
         out = {"eval_reward": sum(scores) / n}
         if self.rm is None:  # a rule: the share of answers that earn the full reward
@@ -406,38 +194,190 @@ class PPORecipe(IterativeStage):
 
     # -- what a checkpoint keeps ---------------------------------------------------------------
     def state(self) -> dict:
-        """What a checkpoint keeps of this stage: the KL coefficient and reward statistics."""
-        return {"kl_coef": self.kl.coef, "reward_stats": self.reward_stats}
+        """The KL coefficient and the reward statistics."""
+        return {"kl_coef": self.kl.coef, "reward_stats": self.norm.stats}
 
     def load_state(self, state: dict) -> None:
         """Restore :meth:`state` from a checkpoint."""
-        self.kl.coef, self.reward_stats = state["kl_coef"], list(state["reward_stats"])
-
-    def _write_samples(self, step: int, rows, roll, scored) -> None:
-        from llamatune._atomic import append_text, writing
-
-        lines = [json.dumps({"step": step, "prompt": s["messages"][-1]["content"],
-                             "response": text, "reward": round(score, 4)}) + "\n"
-                 for s, text, score in list(zip(rows, roll["text"],
-                                                scored["scores"].tolist()))[:4]]
-        with writing("samples.jsonl", self.run_dir, "choose another output_dir, then "
-                     "continue with resume=true."):
-            append_text(self.run_dir / "samples.jsonl", "".join(lines))
+        self.kl.coef, self.norm = state["kl_coef"], RewardNorm(state["reward_stats"])
 
 
+def _generate(r: PPORecipe, prompts, **kw):
+    """The policy's responses to ``prompts`` (see :func:`llamatune.decoding.generate`).
 
-def _partition(n: int, size: int, seed: int) -> list[list[int]]:
-    import random
+    Under FSDP2 from whole weights (each process decodes its own number of steps); under
+    ZeRO-3 every process decodes in step, its layers gathering inside their forward.
+    """
+    from llamatune.decoding import generate
 
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return [sorted(order[i : i + size]) for i in range(0, n, size)]
+    with dist.full_params(r.net):
+        return generate(r.net.model, r.tokenizer, prompts, stop_ids=r.stop_ids,
+                        max_new_tokens=r.cfg.ppo.max_new_tokens,
+                        synced=dist.world().zero == 3, **kw)
 
 
-def _adaptive_kl(p):
-    from llamatune.advantages import AdaptiveKL
+def _rollout(r: PPORecipe, rows) -> Rollout:
+    """The policy's sampled answers to ``rows`` (at ``ppo.temperature`` / ``top_p``)."""
+    p = r.cfg.ppo
+    prompts = [s["input_ids"] for s in rows]
+    resp = _generate(r, prompts, temperature=p.temperature, top_p=p.top_p)
+    batch = response_batch(prompts, resp.ids, r.pad_id)
+    return Rollout(rows, batch, batch["labels"][:, 1:] != -100, resp.text, resp.ids,
+                   resp.ended)
 
-    return AdaptiveKL(p.kl_coef, p.kl_target, p.kl_horizon)
+
+def _reward_model(cfg: Config, loaded):
+    """The reward model: stacked on this base when it shares it, else its own copy."""
+    from llamatune.rundir import Run
+    from llamatune.score import attach_reward, load_reward_model
+
+    rm_cfg = Run.open(cfg.ppo.reward_model, stages=("rm",), use="ppo.reward_model").cfg
+    m, r = cfg.model, rm_cfg.model
+    if (r.path, r.quantization, r.dtype) == (m.path, m.quantization, m.dtype):
+        return attach_reward(loaded, cfg.ppo.reward_model)
+    return load_reward_model(cfg.ppo.reward_model, device=m.device)
+
+
+def _value_head(loaded, rm) -> None:
+    """PPO's critic: a scalar head on the policy's hidden states, from the RM's if it fits."""
+    import torch
+
+    from llamatune import model as loader
+
+    head = loader.add_head(loaded, "value", bias=True)
+    source = None
+    if rm is not None:
+        source = loaded.heads.get(rm.head) if rm.adapter else rm.net.heads[rm.head]
+    if source is not None and source.linear.weight.shape == head.linear.weight.shape:
+        with torch.no_grad():
+            head.linear.weight.copy_(source.linear.weight)
+
+
+def _rewards(r: PPORecipe, rows, text) -> list[float]:
+    """The reward of each response: the reward model's score, or ``ppo.reward_fn``'s."""
+    if r.rm is not None:
+        convs = [s["messages"] + [{"role": "assistant", "content": t}]
+                 for s, t in zip(rows, text)]
+        return r.rm.score(convs, batch_size=r.cfg.train.batch_size)
+    prompts = [s["messages"][-1]["content"] for s in rows]
+    keys = sorted({k for s in rows for k in s["fields"]})
+    fields = {k: [s["fields"].get(k) for s in rows] for k in keys}
+    out = r.reward_fn(prompts, text, **fields)
+    if len(out) != len(text) or not all(isinstance(x, (int, float)) for x in out):
+        raise UserError(f"ppo.reward_fn {r.cfg.ppo.reward_fn} returned {len(out)} "
+                        f"values for {len(text)} responses; it must return one number each.")
+    return [float(x) for x in out]
+
+
+def _update(r: PPORecipe, updates, roll: Rollout, scored: Scored, parts,
+            one_pass: bool) -> tuple[dict, float, float | None]:
+    """``ppo.epochs`` passes of clipped PPO over the rollout, ``train.grad_accum`` parts a step."""
+    p, tc = r.cfg.ppo, r.cfg.train
+    sums = dict.fromkeys(("policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio_mean",
+                          "kl_loss", "entropy_bonus"), 0.0)
+    done = skipped = pending = 0
+    grad_norm, loss_acc = None, 0.0
+    for epoch in range(p.epochs):
+        order = parts if epoch == 0 else partition(len(roll.mask), tc.batch_size,
+                                                   seed=tc.seed + epoch)
+        for idx in order:
+            loss, figures, ratio = _minibatch_loss(r, roll, scored, idx, one_pass)
+            # NaN included: nothing learns from it (on any process: their steps stay in step)
+            if dist.all_sum([0.0 if ratio <= p.ratio_threshold else 1.0])[0] > 0:
+                skipped += 1
+                continue
+            updates.backward(loss / tc.grad_accum, boundary=pending + 1 == tc.grad_accum)
+            loss_acc += float(loss.detach())
+            pending += 1
+            done += 1
+            for k, v in figures.items():
+                sums[k] += v
+            if pending == tc.grad_accum:
+                grad_norm = updates.apply(loss_acc / pending)
+                pending, loss_acc = 0, 0.0
+    if pending:
+        grad_norm = updates.apply(loss_acc / pending)
+    figures = {k: v / max(done, 1) for k, v in sums.items()}
+    figures["skipped"] = skipped
+    if not r.gae:
+        figures.pop("value_loss")
+    for key, coef in (("kl_loss", p.kl_loss_coef), ("entropy_bonus", p.entropy_coef)):
+        if coef == 0:
+            figures.pop(key)
+    loss = (figures["policy_loss"] + p.vf_coef * figures.get("value_loss", 0.0)
+            + p.kl_loss_coef * figures.get("kl_loss", 0.0)
+            - p.entropy_coef * figures.get("entropy_bonus", 0.0))
+    return figures, loss, grad_norm
+
+
+def _minibatch_loss(r: PPORecipe, roll: Rollout, scored: Scored, idx, one_pass: bool):
+    """One mini-batch's PPO loss (policy, KL anchor, entropy bonus, value), figures, mean ratio."""
+    import torch
+
+    from llamatune.advantages import kl_k3, masked_mean, policy_loss, value_loss
+
+    p = r.cfg.ppo
+    mb, w = minibatch(roll.batch, idx, r.device)
+    m = roll.mask[idx, :w].to(r.device)
+
+    def part(t):
+        return t[idx, :w].to(r.device)
+
+    out = r.net("logprobs", mb, temperature=p.temperature,
+                entropy="grad" if p.entropy_coef > 0 else one_pass,
+                values="value" if r.gae else None)
+    logp = dense(out["logp"].float(), m)
+    if one_pass:  # the weights that sampled this mini-batch score it
+        scored.old[idx, :w] = logp.detach().cpu()
+        scored.entropy[idx, :w] = dense(out["entropy"].float(), m).detach().cpu()
+    pg, clipfrac, approx_kl, ratio = policy_loss(logp, part(scored.old), part(scored.adv), m,
+                                                 p.cliprange)
+    loss = pg
+    kl_term = ent_term = vf = torch.zeros(())
+    if p.kl_loss_coef > 0:
+        kl_term = masked_mean(kl_k3(logp, part(scored.ref)), m)
+        loss = loss + p.kl_loss_coef * kl_term
+    if p.entropy_coef > 0:
+        ent_term = masked_mean(dense(out["entropy"].float(), m), m)
+        loss = loss - p.entropy_coef * ent_term
+    if r.gae:
+        vf = value_loss(out["values"] * m, part(scored.values), part(scored.returns), m,
+                        p.cliprange_value)
+        loss = loss + p.vf_coef * vf
+    figures = {"policy_loss": float(pg.detach()), "value_loss": float(vf.detach()),
+               "clipfrac": clipfrac, "approx_kl": approx_kl, "ratio_mean": ratio,
+               "kl_loss": float(kl_term.detach()), "entropy_bonus": float(ent_term.detach())}
+    return loss, figures, ratio
+
+
+def _rollout_figures(roll: Rollout, scored: Scored, k: int | None) -> dict:
+    """The rollout's row figures; ``k`` (critic-free): answers a prompt, for ``flat_groups``."""
+    from llamatune.advantages import kl_k3, masked_mean
+
+    mask, scores = roll.mask, scored.scores
+    out = {"reward_mean": float(scores.mean()),
+           "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+           "entropy": float(masked_mean(scored.entropy, mask)),
+           "response_len": float(mask.sum(-1).float().mean()),
+           "no_eos_frac": float(1 - sum(roll.ended) / len(roll.ended))}
+    if k is not None:  # prompts whose answers all scored alike teach nothing (advantage 0)
+        groups = scored.shaped.view(-1, k)
+        out["flat_groups"] = float((groups.max(1).values == groups.min(1).values).float().mean())
+    if scored.ref is not None:  # measured unless nothing asks for it (see _one_pass)
+        out["kl"] = float(scored.kl.sum(-1).mean())
+        out["kl_k3"] = float((kl_k3(scored.old, scored.ref) * mask).sum(-1).mean())
+    return out
+
+
+def _write_samples(run_dir, step: int, roll: Rollout, scored: Scored) -> None:
+    from llamatune._atomic import append_text, writing
+
+    lines = [json.dumps({"step": step, "prompt": s["messages"][-1]["content"],
+                         "response": text, "reward": round(score, 4)}) + "\n"
+             for s, text, score in list(zip(roll.rows, roll.text, scored.scores.tolist()))[:4]]
+    with writing("samples.jsonl", run_dir, "choose another output_dir, then "
+                 "continue with resume=true."):
+        append_text(run_dir / "samples.jsonl", "".join(lines))
 
 
 def _no_dropout(net) -> None:

@@ -114,10 +114,9 @@ def pair_batches(samples: list[dict], tcfg: TrainConfig, epoch: int, pad_id: int
                  shuffle: bool = True) -> list[dict]:
     """The micro-batches of one epoch of preference pairs, one row per pair.
 
-    Laid out by :func:`llamatune.data.collate.pair_batch`; ordered like :func:`epoch_batches`
-    (by the pair row's length), so a resumed run sees the same batches. Where the samples
-    carry them, ``ref_logp`` ``[2n]`` holds reference log-probs (DPO's precomputed ones),
-    chosen first.
+    Laid out by :func:`llamatune.data.collate.pair_batch`, with ``index`` (the pairs' indices
+    in ``samples``); ordered like :func:`epoch_batches` (by the pair row's length), so a
+    resumed run sees the same batches.
     """
     import torch
 
@@ -128,9 +127,7 @@ def pair_batches(samples: list[dict], tcfg: TrainConfig, epoch: int, pad_id: int
     out = []
     for g in batch_groups(lengths, tcfg, epoch, shuffle):
         batch = pair_batch([rows[i] for i in g], pad_id)
-        if "ref_logp" in samples[g[0]]:  # precomputed reference log-probs (DPO)
-            batch["ref_logp"] = torch.tensor([samples[i]["ref_logp"][k] for k in (0, 1)
-                                              for i in g], dtype=torch.float64)
+        batch["index"] = torch.tensor(list(g), dtype=torch.long)
         out.append(_mark(batch, g))
     return out
 

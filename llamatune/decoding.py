@@ -1,20 +1,18 @@
-"""Rollouts: batched generation from prompts, and the batches that score what was generated.
+"""The decoder: batched sampling or greedy decoding with the KV cache.
 
+One decoder serves ``generate``, ``chat``, ``export``'s check and PPO's rollouts.
 :func:`generate` left-pads the prompts, samples (or decodes greedily) with the KV cache on,
 even when training uses gradient checkpointing (the model is put in eval mode for it), and
 cuts every response after its first stop token (the template's end token(s)): a response
-that reaches ``max_new_tokens`` without one is *not ended* (PPO can penalize it).
-
-:func:`response_batch` lays prompt + response out right-padded, the response tokens
-supervised, for :class:`llamatune.net.Net`'s ``logprobs`` (and values): positions are
-counted over real tokens, so every token scores as it did when it was sampled.
+that reaches ``max_new_tokens`` without one is *not ended* (PPO can penalize it). What PPO
+then makes of the responses is :mod:`llamatune.experience`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Responses", "dense", "generate", "response_batch", "sample_next"]
+__all__ = ["Responses", "generate", "sample_next"]
 
 
 @dataclass
@@ -81,7 +79,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int],
     """
     import torch
 
-    from llamatune import dist
+    from llamatune.model import unwrap_model
 
     pad = tokenizer.pad_token_id
     if pad is None:  # a bare tokenizer: padding is masked out, any id will do
@@ -92,47 +90,14 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int],
     step = batch_size or len(prompts)
     device = next(model.parameters()).device
     stops = torch.tensor(list(stop_ids), device=device)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap_model(model)
     decoder, head = getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
     try:
         for start in range(0, len(prompts), step):
-            part = prompts[start : start + step]
-            width = max(len(p) for p in part)
-            ids = torch.full((len(part), width), pad, dtype=torch.long, device=device)
-            mask = torch.zeros((len(part), width), dtype=torch.long, device=device)
-            for i, p in enumerate(part):
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            done = torch.zeros(len(part), dtype=torch.bool, device=device)
-            out_tokens = []
             with torch.no_grad():
-                out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
-                              use_cache=True)
-                # transformers renamed the cache ``past_key_values`` -> ``cache`` (5.2x): pass
-                # it back under the name this version returned it by.
-                name = "cache" if "cache" in out.keys() else "past_key_values"
-                for _ in range(max_new_tokens):
-                    # The head on the last position only (a contiguous [n, d]: a strided slice
-                    # sends torch's linear down a batched path that copies the head per row).
-                    logits = head(out.last_hidden_state[:, -1].contiguous())
-                    nxt = sample_next(logits, temperature, top_p, greedy)
-                    nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-                    out_tokens.append(nxt)
-                    done |= torch.isin(nxt, stops)
-                    if len(out_tokens) == max_new_tokens:
-                        break
-                    if synced:  # stop when every process's batch is done
-                        if dist.all_sum([float(not bool(done.all()))])[0] == 0:
-                            break
-                    elif bool(done.all()):
-                        break
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                    pos = pos[:, -1:] + 1
-                    out = decoder(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                                  use_cache=True, **{name: out[name]})
-            rows = torch.stack(out_tokens, dim=1).tolist()
-            for row in rows:
+                tokens = _decode(decoder, head, prompts[start : start + step], pad, stops,
+                                 max_new_tokens, (temperature, top_p, greedy), synced)
+            for row in tokens.tolist():
                 cut = next((i for i, t in enumerate(row) if t in stop_ids), None)
                 ids_out.append(row[: cut + 1] if cut is not None else row)
                 ended_out.append(cut is not None)
@@ -143,32 +108,55 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int],
     return Responses(ids_out, ended_out, text)
 
 
-def response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
-    """Right-padded ``prompt + response`` rows, the response tokens supervised.
-
-    Returns:
-        ``input_ids``, ``attention_mask``, ``labels`` (``-100`` but on response tokens) and
-        ``n_real``; rows in the order given.
-    """
-    from llamatune.data.collate import pad_batch
-
-    rows = [{"input_ids": p + r, "labels": [-100] * len(p) + list(r)}
-            for p, r in zip(prompts, responses)]
-    return pad_batch(rows, pad_id)
-
-
-def dense(flat, mask):
-    """Per-token values in the order :class:`~llamatune.net.Net` returns them, as ``[n, T]``.
+def _decode(decoder, head, part: list[list[int]], pad: int, stops, max_new_tokens: int,
+            sampling: tuple, synced: bool):
+    """``[n, steps]`` new tokens for one batch of prompts (pad after a row's stop token).
 
     Args:
-        flat: ``[tokens]`` values of the supervised positions, row-major.
-        mask: ``[n, T]`` the supervised positions (``labels[:, 1:] != -100``).
-
-    Returns:
-        ``[n, T]`` with zeros elsewhere.
+        decoder: The model's decoder stack (its ``base_model_prefix`` module).
+        head: Its output embeddings.
+        part: The prompts, left-padded here.
+        pad: The pad id.
+        stops: The stop ids, as a tensor on the device.
+        max_new_tokens: Longest response.
+        sampling: ``(temperature, top_p, greedy)`` for :func:`sample_next`.
+        synced: Decode until every process's batch is done (see :func:`generate`).
     """
     import torch
 
-    out = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device)
-    out[mask] = flat
-    return out
+    from llamatune import dist
+
+    device = stops.device
+    width = max(len(p) for p in part)
+    ids = torch.full((len(part), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((len(part), width), dtype=torch.long, device=device)
+    for i, p in enumerate(part):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    done = torch.zeros(len(part), dtype=torch.bool, device=device)
+    out_tokens = []
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    # transformers renamed the cache ``past_key_values`` -> ``cache`` (5.2x): pass it back
+    # under the name this version returned it by.
+    name = "cache" if "cache" in out.keys() else "past_key_values"
+    for _ in range(max_new_tokens):
+        # The head on the last position only (a contiguous [n, d]: a strided slice sends
+        # torch's linear down a batched path that copies the head per row).
+        logits = head(out.last_hidden_state[:, -1].contiguous())
+        nxt = sample_next(logits, *sampling)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        out_tokens.append(nxt)
+        done |= torch.isin(nxt, stops)
+        if len(out_tokens) == max_new_tokens:
+            break
+        if synced:  # stop when every process's batch is done
+            if dist.all_sum([float(not bool(done.all()))])[0] == 0:
+                break
+        elif bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        out = decoder(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                      use_cache=True, **{name: out[name]})
+    return torch.stack(out_tokens, dim=1)
