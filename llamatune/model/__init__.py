@@ -35,7 +35,14 @@ One job a module:
 """
 
 from llamatune._cache import cache_dir
-from llamatune.model.adapters import LLAMA_LINEAR, add_adapter, add_policy, lora_config, save_adapter
+from llamatune.model.adapters import (
+    LLAMA_LINEAR,
+    add_adapter,
+    add_policy,
+    lora_config,
+    reference_text,
+    save_adapter,
+)
 from llamatune.model.assemble import finish, load_model, model_line
 from llamatune.model.base import Loaded, bnb_config, load_base
 from llamatune.model.dtypes import (
@@ -81,6 +88,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "resolve_model_path",
+    "reference_text",
     "save_adapter",
     "save_head",
     "save_trainable",

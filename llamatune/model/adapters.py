@@ -84,18 +84,23 @@ def _set_dropout(model, name: str, p: float) -> None:
             module.lora_dropout[name] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
 
 
-def add_policy(loaded: Loaded, lcfg: LoraConfig, start: str | None, dropout: float) -> str:
+def add_policy(loaded: Loaded, lcfg: LoraConfig, start: str | None, dropout: float,
+               run_dir: Path | None = None) -> str:
     """Attach a trainable policy and its frozen reference, the starting model itself.
 
-    With a starting adapter (an SFT run's, already copied into the run directory) the policy is
-    a trainable copy of it and the reference a frozen copy; without one the policy is a new
-    LoRA of shape ``lcfg`` and the reference is the bare base (no adapter at all).
+    The one rule of DPO and PPO: with a starting adapter (an SFT run's) the policy is a
+    trainable copy of it and the reference a frozen copy, read from the run directory's own
+    copy (:data:`llamatune.rundir.REFERENCE_DIR`, made here when ``run_dir`` is given, so a
+    resume never depends on the SFT run staying where it was); without one the policy is a
+    new LoRA of shape ``lcfg`` and the reference is the bare base (no adapter at all).
 
     Args:
         loaded: The base.
         lcfg: Shape of a new policy adapter.
-        start: The starting adapter folder, or ``None``.
+        start: The starting adapter folder (:func:`llamatune.rundir.starting_adapter`), or
+            ``None``.
         dropout: LoRA dropout of the policy (the reference never drops out).
+        run_dir: The run directory to keep the starting adapter's copy in.
 
     Returns:
         The reference's adapter name for :class:`llamatune.net.Net` (``"base"``: none).
@@ -103,13 +108,21 @@ def add_policy(loaded: Loaded, lcfg: LoraConfig, start: str | None, dropout: flo
     import dataclasses
 
     from llamatune.net import BASE
+    from llamatune.rundir import REFERENCE_DIR, keep_copy
 
     if start is None:
         add_adapter(loaded, "policy", lcfg=dataclasses.replace(lcfg, dropout=dropout))
         return BASE
+    if run_dir is not None:
+        start = str(keep_copy(run_dir, start, REFERENCE_DIR))
     add_adapter(loaded, "policy", source=start, dropout=dropout)
     add_adapter(loaded, "reference", source=start, trainable=False, dropout=0.0)
     return "reference"
+
+
+def reference_text(adapter: str | None) -> str:
+    """How the ``model:`` line names the reference of :func:`add_policy`."""
+    return f"the SFT adapter {adapter}, frozen" if adapter else "the base"
 
 
 def save_adapter(model, name: str, folder) -> None:

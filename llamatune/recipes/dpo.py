@@ -88,7 +88,7 @@ class DPORecipe(BatchStage):
         """Validate inputs, tokenize, load policy and reference on one base, resume if asked."""
         from llamatune import model as loader
         from llamatune.health import pair_context
-        from llamatune.rundir import REFERENCE_DIR, keep_copy, starting_adapter
+        from llamatune.rundir import REFERENCE_DIR, starting_adapter
 
         cfg = self.cfg
         start = starting_adapter(cfg, "llamatune dpo", REFERENCE_DIR)
@@ -97,9 +97,8 @@ class DPORecipe(BatchStage):
         self.train_samples, self.eval_samples = data.train, data.eval
         self.alarm_context = pair_context(data.train, data.eval, cfg.train.max_length)
         self.loaded = loader.load_base(cfg.model, trainable=True, seed=cfg.train.seed)
-        if start is not None:
-            start = str(keep_copy(self.run_dir, start, REFERENCE_DIR))
-        self.reference = loader.add_policy(self.loaded, cfg.lora, start, cfg.lora.dropout)
+        self.reference = loader.add_policy(self.loaded, cfg.lora, start, cfg.lora.dropout,
+                                           self.run_dir)
         self.net = loader.finish(self.loaded)
         self.tokenizer, self.device = self.loaded.tokenizer, self.loaded.device
         self.pad_id = self.tokenizer.pad_token_id
@@ -107,8 +106,7 @@ class DPORecipe(BatchStage):
         if cfg.dpo.precompute_ref:
             self._precompute_reference()
         self.loop = training.Loop(cfg, self, self.loaded, begun, has_eval=bool(self.eval_samples))
-        ref = f" (reference: the SFT adapter {cfg.model.adapter}, frozen)" if start else \
-            " (reference: the base)"
+        ref = f" (reference: {loader.reference_text(start and cfg.model.adapter)})"
         print(loader.model_line(cfg.model.path, self.loaded, ref), flush=True)
 
     def _precompute_reference(self) -> None:

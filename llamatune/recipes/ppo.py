@@ -70,7 +70,7 @@ class PPORecipe(IterativeStage):
         """Validate inputs, tokenize the prompts, load policy, reference, value and reward."""
         from llamatune import model as loader
         from llamatune.data.templates import stop_token_ids
-        from llamatune.rundir import REFERENCE_DIR, keep_copy, starting_adapter
+        from llamatune.rundir import REFERENCE_DIR, starting_adapter
 
         cfg, p = self.cfg, self.cfg.ppo
         start = starting_adapter(cfg, "llamatune ppo", REFERENCE_DIR)
@@ -80,9 +80,8 @@ class PPORecipe(IterativeStage):
         self.train_samples, self.eval_samples = data.train, data.eval
         self.alarm_context = {"max_new_tokens": p.max_new_tokens}  # llamatune.health
         self.loaded = loader.load_base(cfg.model, trainable=True, seed=cfg.train.seed)
-        if start is not None:
-            start = str(keep_copy(self.run_dir, start, REFERENCE_DIR))
-        self.reference = loader.add_policy(self.loaded, cfg.lora, start, dropout=0.0)
+        self.reference = loader.add_policy(self.loaded, cfg.lora, start, 0.0,
+                                           self.run_dir)
         self.rm = _reward_model(cfg, self.loaded) if p.reward_model else None
         self.gae = p.advantage == "gae"
         if self.gae:
@@ -97,7 +96,7 @@ class PPORecipe(IterativeStage):
         self.kl = AdaptiveKL(p.kl_coef, p.kl_target, p.kl_horizon)
         self.norm = RewardNorm()  # ppo.reward_norm's running statistics
         self.loop = training.Loop(cfg, self, self.loaded, begun, has_eval=bool(self.eval_samples))
-        ref = f"the SFT adapter {cfg.model.adapter}, frozen" if start else "the base"
+        ref = loader.reference_text(start and cfg.model.adapter)
         reward = (f"reward model {p.reward_model} ({'stacked' if self.rm.adapter else 'own copy'})"
                   if self.rm else f"reward {p.reward_fn}")
         print(loader.model_line(cfg.model.path, self.loaded, f" (reference: {ref}; {reward}; "
