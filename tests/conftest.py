@@ -269,3 +269,15 @@ def sft_run(tmp_path, tiny_model_dir, alpaca_file):
                          model={"dtype": "float32"}, train={"max_steps": 3, "lr": 5e-2})
     assert cli(["sft", str(recipe)]) == 0
     return tmp_path / "sft" / "run"
+
+
+def with_sections(sections: dict, extra: dict) -> dict:
+    """Recipe ``sections`` with ``extra`` laid over them: a mapping updates its section's keys,
+    anything else replaces the value."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in sections.items()}
+    for key, val in extra.items():
+        if isinstance(val, dict):
+            out.setdefault(key, {}).update(val)
+        else:
+            out[key] = val
+    return out

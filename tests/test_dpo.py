@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_recipe, metrics_rows, write_jsonl
+from conftest import make_recipe, metrics_rows, with_sections, write_jsonl
 from test_reward import _pairs
 
 from llamatune.cli import main as cli
@@ -22,11 +22,7 @@ def _recipe(tmp_path, tiny_model_dir, **extra):
                           "eval_split": 2},
                     train={"max_steps": 2, "batch_size": 4, "lr": 1e-2},
                     model={"dtype": "float32"})
-    for key, val in extra.items():
-        if isinstance(val, dict):
-            sections.setdefault(key, {}).update(val)
-        else:
-            sections[key] = val
+    sections = with_sections(sections, extra)
     path = make_recipe(tmp_path, tiny_model_dir, data, **sections)
     return DPORecipe(load_config(path), str(path)), path
 

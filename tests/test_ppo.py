@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import WORDS, make_recipe, metrics_rows, write_jsonl
+from conftest import WORDS, make_recipe, metrics_rows, with_sections, write_jsonl
 
 from llamatune import advantages as A
 from llamatune.cli import main as cli
@@ -48,11 +48,7 @@ def _recipe(tmp_path, model_dir, **extra):
                          "k": 2, "max_new_tokens": 6, "sample_every": 0},
                     train={"max_steps": 2, "batch_size": 4, "lr": 1e-2, "eval_every": 0},
                     model={"dtype": "float32"})
-    for key, val in extra.items():
-        if isinstance(val, dict):
-            sections.setdefault(key, {}).update(val)
-        else:
-            sections[key] = val
+    sections = with_sections(sections, extra)
     path = make_recipe(tmp_path, model_dir, _prompts(tmp_path), **sections)
     return PPORecipe(load_config(path), str(path)), path
 

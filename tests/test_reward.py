@@ -4,7 +4,7 @@ import json
 import random
 
 import pytest
-from conftest import WORDS, make_recipe, metrics_rows, write_jsonl
+from conftest import WORDS, make_recipe, metrics_rows, with_sections, write_jsonl
 
 from llamatune.cli import main as cli
 from llamatune.config import load_config
@@ -41,11 +41,7 @@ def _cfg_sections(**extra):
               "eval_split": 2},
         train={"max_steps": 2, "batch_size": 4, "lr": 1e-2},
     )
-    for key, val in extra.items():
-        if isinstance(val, dict):
-            sections.setdefault(key, {}).update(val)
-        else:
-            sections[key] = val
+    sections = with_sections(sections, extra)
     return sections
 
 
