@@ -18,7 +18,7 @@ import pytest
 from conftest import WORDS, make_recipe, write_jsonl
 from test_reward import _cfg_sections, _pairs
 
-from llamatune import dist
+from llamatune import dist, launcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ def _launch_cmd(n, argv, config=None):
         return [sys.executable, "-m", "llamatune", *argv]
     if config is not None:
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(dist.launch_config(config)), "--num_processes", str(n), "-m", "llamatune",
+                str(launcher.launch_config(config)), "--num_processes", str(n), "-m", "llamatune",
                 *argv]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
             "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
@@ -128,7 +128,7 @@ def _zero3_sharding_everything(tmp_path):
           "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
           "gradient_clipping": "auto", "train_batch_size": "auto"}
     (tmp_path / "ds.json").write_text(json.dumps(ds))
-    acc = yaml.safe_load(dist.launch_config("zero3").read_text())
+    acc = yaml.safe_load(launcher.launch_config("zero3").read_text())
     acc["deepspeed_config"] = {"deepspeed_config_file": str(tmp_path / "ds.json"),
                                "zero3_init_flag": False}
     acc.pop("mixed_precision", None)  # accelerate refuses it beside a DeepSpeed file
