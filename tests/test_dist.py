@@ -19,7 +19,7 @@ from conftest import WORDS, make_recipe, write_jsonl
 from test_reward import _cfg_sections, _pairs
 
 from llamatune import dist, launcher
-from llamatune.dist import processes
+from llamatune.dist import _private, processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -377,6 +377,29 @@ def test_fsdp_settings_from_the_packaged_config():
     assert processes._fsdp_settings(env) == dist.Fsdp(False, ("LlamaDecoderLayer",))
     assert processes._fsdp_settings({"FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}).layers == ()
     assert processes._fsdp_settings({"FSDP_VERSION": "2"}).layers is None
+
+
+def test_private_internals_are_refused_outside_the_tested_versions(monkeypatch):
+    """The fence: FSDP2 and ZeRO call torch and DeepSpeed internals only at the versions
+    ``_private.TESTED`` names; outside them the scheme is refused, naming both versions,
+    when the processes are set up (before any model loads). One process and DDP pass."""
+    from llamatune.errors import UserError
+
+    monkeypatch.setattr(_private, "_installed", lambda pkg: "99.0")
+    for scheme in ("single", "ddp"):
+        _private.check(scheme, "here")
+    with pytest.raises(UserError, match=r"here: .*fsdp2.*torch >=2\.\d+,<2\.\d+.*torch 99\.0"):
+        _private.check("fsdp2", "here")
+    with pytest.raises(UserError, match=r"zero3.*deepspeed >=0\.\d+,<0\.\d+.*deepspeed 99\.0"):
+        _private.check("zero3", "here")
+    with pytest.raises(UserError, match="torch 99.0"):
+        _private.fsdp_fix_root(object())  # refused before it touches the object
+    monkeypatch.setattr(processes, "_WORLD", None)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(UserError, match="the accelerate config's fsdp_config: .*torch 99.0"):
+        dist.world()
+    assert processes.current() is None
 
 
 def test_whole_copies_are_the_worlds_and_whole_sets_up_no_world(monkeypatch):

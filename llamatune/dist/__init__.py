@@ -17,7 +17,9 @@ plain ``llamatune sft`` never imports accelerate). One module a job:
 * :mod:`~llamatune.dist.optim_state` -- :func:`optimizer_state` and
   :func:`load_optimizer_state`: whole optimizer state in checkpoints, in the one-process
   format (FSDP2, ZeRO);
-* :mod:`~llamatune.dist._private` -- the only calls of private torch and DeepSpeed code.
+* :mod:`~llamatune.dist._private` -- the only calls of private torch and DeepSpeed code,
+  behind a version fence: outside the versions it was tested with (its ``TESTED``), FSDP2
+  and ZeRO are refused before any model loads.
 
 Starting the launcher itself is the CLI's (:mod:`llamatune.launcher`); its names are
 re-exported here for older callers.

@@ -5,7 +5,8 @@ module creates accelerate's ``Accelerator`` when the launcher's environment says
 more than one process (or FSDP / DeepSpeed was chosen), and otherwise stays out of the way,
 so a notebook or a plain ``llamatune sft`` never imports accelerate. Without a GPU the
 processes talk over gloo (accelerate's ``MULTI_CPU``). The launcher's FSDP and DeepSpeed
-settings are read (and what llamatune does not run refused) here, before any model loads.
+settings are read (and what llamatune does not run refused) here, and so is the version
+fence of the sharded schemes (:func:`llamatune.dist._private.check`), before any model loads.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llamatune.dist import _private
 from llamatune.errors import UserError
 
 __all__ = ["Fsdp", "World", "all_sum", "barrier", "current", "gather", "launched", "mean",
@@ -97,10 +99,13 @@ def _make_world() -> World:
     if not launched():
         return World()
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return _deepspeed_world(_zero_stage(os.environ))
+        stage = _zero_stage(os.environ)
+        _private.check(f"zero{stage}", "the accelerate config's deepspeed_config")
+        return _deepspeed_world(stage)
     fsdp = None
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         fsdp = _fsdp_settings(os.environ)
+        _private.check("fsdp2", "the accelerate config's fsdp_config")
         # llamatune shards the net itself (see llamatune.dist); accelerate sets up the processes.
         os.environ["ACCELERATE_USE_FSDP"] = "false"
     import torch
