@@ -180,10 +180,10 @@ def _cmd_train(args) -> int:
     cfg, path = _load(args)
     claim_stage(cfg, args.command, path)
     if args.accelerate_config is not None:
-        from llamatune import dist
+        from llamatune import launcher
 
-        code = dist.launch(args.accelerate_config, args.num_processes,
-                           [args.command, args.recipe, *args.overrides])
+        code = launcher.launch(args.accelerate_config, args.num_processes,
+                               [args.command, args.recipe, *args.overrides])
         signum = _stop.received()
         if signum is None or code == 0:  # (0: the workers had finished before it came)
             return code
@@ -277,7 +277,7 @@ def _cmd_ls(args) -> int:
             print(f"{t.name:10s} {t.description}")
         return 0
     if args.accelerate:
-        from llamatune.dist import launch_configs
+        from llamatune.launcher import launch_configs
 
         for name, path in launch_configs().items():
             print(f"{name:8s} {_first_comment(path)}")

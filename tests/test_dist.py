@@ -18,7 +18,8 @@ import pytest
 from conftest import WORDS, make_recipe, write_jsonl
 from test_reward import _cfg_sections, _pairs
 
-from llamatune import dist
+from llamatune import dist, launcher
+from llamatune.dist import _private, processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +43,7 @@ def _launch_cmd(n, argv, config=None):
         return [sys.executable, "-m", "llamatune", *argv]
     if config is not None:
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(dist.launch_config(config)), "--num_processes", str(n), "-m", "llamatune",
+                str(launcher.launch_config(config)), "--num_processes", str(n), "-m", "llamatune",
                 *argv]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
             "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
@@ -128,7 +129,7 @@ def _zero3_sharding_everything(tmp_path):
           "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
           "gradient_clipping": "auto", "train_batch_size": "auto"}
     (tmp_path / "ds.json").write_text(json.dumps(ds))
-    acc = yaml.safe_load(dist.launch_config("zero3").read_text())
+    acc = yaml.safe_load(launcher.launch_config("zero3").read_text())
     acc["deepspeed_config"] = {"deepspeed_config_file": str(tmp_path / "ds.json"),
                                "zero3_init_flag": False}
     acc.pop("mixed_precision", None)  # accelerate refuses it beside a DeepSpeed file
@@ -162,7 +163,7 @@ def test_each_process_trains_on_its_own_slice_of_the_global_batches(monkeypatch)
     one = training.batch_groups(lengths, TrainConfig(batch_size=8), epoch=1)
     parts = []
     for rank in range(2):
-        monkeypatch.setattr(dist, "_WORLD", dist.World(rank=rank, size=2))
+        monkeypatch.setattr(processes, "_WORLD", dist.World(rank=rank, size=2))
         parts.append(training.batch_groups(lengths, TrainConfig(batch_size=4), epoch=1))
     assert len(parts[0]) == len(parts[1]) == len(one) == 5
     for g, a, b in zip(one, *parts):
@@ -366,16 +367,52 @@ def test_fsdp_settings_llamatune_does_not_run_are_refused(env, words):
     from llamatune.errors import UserError
 
     with pytest.raises(UserError, match=words):
-        dist._fsdp_settings(env)
+        processes._fsdp_settings(env)
 
 
 def test_fsdp_settings_from_the_packaged_config():
     env = {"FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false",
            "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
            "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer"}
-    assert dist._fsdp_settings(env) == dist.Fsdp(False, ("LlamaDecoderLayer",))
-    assert dist._fsdp_settings({"FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}).layers == ()
-    assert dist._fsdp_settings({"FSDP_VERSION": "2"}).layers is None
+    assert processes._fsdp_settings(env) == dist.Fsdp(False, ("LlamaDecoderLayer",))
+    assert processes._fsdp_settings({"FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}).layers == ()
+    assert processes._fsdp_settings({"FSDP_VERSION": "2"}).layers is None
+
+
+def test_private_internals_are_refused_outside_the_tested_versions(monkeypatch):
+    """The fence: FSDP2 and ZeRO call torch and DeepSpeed internals only at the versions
+    ``_private.TESTED`` names; outside them the scheme is refused, naming both versions,
+    when the processes are set up (before any model loads). One process and DDP pass."""
+    from llamatune.errors import UserError
+
+    monkeypatch.setattr(_private, "_installed", lambda pkg: "99.0")
+    for scheme in ("single", "ddp"):
+        _private.check(scheme, "here")
+    with pytest.raises(UserError, match=r"here: .*fsdp2.*torch >=2\.\d+,<2\.\d+.*torch 99\.0"):
+        _private.check("fsdp2", "here")
+    with pytest.raises(UserError, match=r"zero3.*deepspeed >=0\.\d+,<0\.\d+.*deepspeed 99\.0"):
+        _private.check("zero3", "here")
+    with pytest.raises(UserError, match="torch 99.0"):
+        _private.fsdp_fix_root(object())  # refused before it touches the object
+    monkeypatch.setattr(processes, "_WORLD", None)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(UserError, match="the accelerate config's fsdp_config: .*torch 99.0"):
+        dist.world()
+    assert processes.current() is None
+
+
+def test_whole_copies_are_the_worlds_and_whole_sets_up_no_world(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(processes, "_WORLD", None)
+    p = torch.nn.Parameter(torch.ones(2))
+    assert dist.whole(p) is p and processes.current() is None
+    monkeypatch.setattr(processes, "_WORLD", dist.World())
+    with dist.whole_trainables(torch.nn.Linear(2, 2)):  # alone: nothing gathered
+        assert processes.current().whole_copies == {}
+    processes.current().whole_copies[id(p)] = "whole"
+    assert dist.whole(p) == "whole"
 
 
 @pytest.mark.parametrize("config", ["fsdp2", "zero2", "zero3_all"])
@@ -460,7 +497,7 @@ def test_deepspeed_settings_llamatune_does_not_run_are_refused(env, words):
 
     pytest.importorskip("deepspeed")
     with pytest.raises(UserError, match=words):
-        dist._zero_stage(env)
+        processes._zero_stage(env)
 
 
 def test_deepspeed_stage_from_a_json_config_file(tmp_path):
@@ -469,11 +506,11 @@ def test_deepspeed_stage_from_a_json_config_file(tmp_path):
     pytest.importorskip("deepspeed")
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    assert dist._zero_stage({"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)}) == 3
+    assert processes._zero_stage({"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)}) == 3
     path.write_text(json.dumps({"zero_optimization": {
         "stage": 2, "offload_optimizer": {"device": "cpu"}}}))
     with pytest.raises(UserError, match=f"{path}: offload_optimizer_device cpu"):
-        dist._zero_stage({"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)})
+        processes._zero_stage({"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)})
 
 
 @pytest.mark.parametrize("scheme,quant,words", [
@@ -487,7 +524,7 @@ def test_a_quantized_base_a_scheme_cannot_shard_is_refused_before_loading(
     recipe = make_recipe(tmp_path, tiny_model_dir, _sft_data(tmp_path),
                          model={"quantization": quant})
     world = dist.World(zero=3) if scheme == "zero3" else dist.World(fsdp=dist.Fsdp())
-    monkeypatch.setattr(dist, "_WORLD", world)
+    monkeypatch.setattr(processes, "_WORLD", world)
     assert cli(["sft", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
