@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import WORDS, make_recipe, write_jsonl
+from conftest import WORDS, make_recipe, metrics_rows, write_jsonl
 from test_reward import _cfg_sections, _pairs
 
 from llamatune import dist, launcher
@@ -57,10 +57,6 @@ def _run(tmp_path, n, argv, config=None):
     return proc
 
 
-def _rows(run):
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def _sft_data(tmp_path, n=33):
     """33 rows: with a global batch of 8 an epoch ends on a batch of 1 (one process idles)."""
     rng = random.Random(5)
@@ -80,7 +76,7 @@ def _same_rows(one, two, keys):
 
 def _one_copy_of_everything(run):
     assert not list(run.glob(".*tmp")), "no temporary folder left behind"
-    rows = _rows(run)
+    rows = metrics_rows(run)
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == sorted(set(steps)), "one metrics row per step"
     assert (run / "adapter_model.safetensors").is_file()
@@ -93,7 +89,7 @@ def _stop_after(run, step):
     for f in run.iterdir():
         if f.name.startswith("adapter_") or f.name.endswith("_head.safetensors"):
             f.unlink()
-    rows = [r for r in _rows(run) if r["step"] <= step]
+    rows = [r for r in metrics_rows(run) if r["step"] <= step]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     shutil.rmtree(run / "plots", ignore_errors=True)
 
@@ -190,7 +186,7 @@ def test_sft_two_processes_give_the_loss_rows_of_one(batch, accum, tmp_path, tin
     assert (f"2 processes (ddp): global batch {batch // 2} x {accum} accumulation x 2 processes"
             in proc.stdout)
     assert proc.stdout.count("data: ") == 1, "only the main process prints"
-    a, b = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
+    a, b = metrics_rows(tmp_path / "one" / "run"), metrics_rows(tmp_path / "two" / "run")
     assert len([r for r in b if "loss" in r]) == 6
     _same_rows(a, b, ["loss", "grad_norm", "eval_loss"])
     _one_copy_of_everything(tmp_path / "two" / "run")
@@ -212,7 +208,7 @@ def test_preference_stages_two_processes_give_the_loss_rows_of_one(stage, config
     # Through llamatune's own launcher (a packaged config, or a file).
     _run(tmp_path, 1, [stage, str(two), "--accelerate_config", config, "--num_processes", "2",
                        "train.batch_size=3"])  # overrides may follow the options
-    a, b = _rows(ref), _rows(tmp_path / "two" / "run")
+    a, b = metrics_rows(ref), metrics_rows(tmp_path / "two" / "run")
     assert len([r for r in b if "loss" in r]) == 5
     keys = {"rm": ["accuracy", "eval_accuracy"],
             "dpo": ["reward_accuracy", "reward_margin", "eval_reward_margin"]}[stage]
@@ -238,7 +234,7 @@ def test_ppo_runs_under_two_processes(tmp_path, tiny_model_dir):
     proc = _run(tmp_path, 2, ["ppo", str(recipe)])
     assert "global batch 2 prompts x 2 processes" in proc.stdout
     run = tmp_path / "run"
-    rows = [r for r in _rows(run) if "reward_mean" in r]
+    rows = [r for r in metrics_rows(run) if "reward_mean" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
     _one_copy_of_everything(run)
     assert (run / "value_head.safetensors").is_file()
@@ -254,7 +250,7 @@ def test_kill_under_two_processes_then_resume_continues_exactly(tmp_path, tiny_m
                          "keep_checkpoints": 2, "lr": 1e-2})
     straight = make_recipe(tmp_path / "straight", tiny_model_dir, data, **common)
     _run(tmp_path, 2, ["sft", str(straight)])
-    want = [r for r in _rows(tmp_path / "straight" / "run") if "loss" in r]
+    want = [r for r in metrics_rows(tmp_path / "straight" / "run") if "loss" in r]
 
     recipe = make_recipe(tmp_path / "killed", tiny_model_dir, data, **common)
     run = tmp_path / "killed" / "run"
@@ -277,7 +273,7 @@ def test_kill_under_two_processes_then_resume_continues_exactly(tmp_path, tiny_m
     err = proc.communicate()[1].decode()
     assert not (run / "adapter_model.safetensors").exists(), f"the run ended first: {err[-2000:]}"
     _run(tmp_path, 2, ["sft", str(recipe), "resume=true"])
-    got = [r for r in _rows(run) if "loss" in r]
+    got = [r for r in metrics_rows(run) if "loss" in r]
     assert [r["step"] for r in got] == list(range(1, 25))
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], abs=1e-6)
     _one_copy_of_everything(run)
@@ -329,7 +325,7 @@ def test_qlora_under_two_processes_gives_the_loss_rows_of_one(config, tmp_path,
     ref = _one_process(tmp_path, tiny_wide_model_dir, data, common, ["sft", "train.batch_size=4"])
     two = make_recipe(tmp_path / "two", tiny_wide_model_dir, data, **common)
     _run(tmp_path, 2, ["sft", str(two), "train.batch_size=2"], config)
-    a, b = _rows(ref), _rows(tmp_path / "two" / "run")
+    a, b = metrics_rows(ref), metrics_rows(tmp_path / "two" / "run")
     assert len(b) == 3
     _same_rows(a, b, ["loss", "grad_norm"])
     _one_copy_of_everything(tmp_path / "two" / "run")
@@ -350,7 +346,7 @@ def test_a_bf16_base_beside_float32_adapters_trains_as_one_process(config, tmp_p
     two = make_recipe(tmp_path / "two", tiny_model_dir, data, **common)
     proc = _run(tmp_path, 2, ["sft", str(two), "train.batch_size=2"], config)
     assert "base bfloat16" in proc.stdout and "trainable float32" in proc.stdout
-    a, b = _rows(ref), _rows(tmp_path / "two" / "run")
+    a, b = metrics_rows(ref), metrics_rows(tmp_path / "two" / "run")
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=2e-2)
     adapter = _tensors(tmp_path / "two" / "run" / "adapter_model.safetensors")
     assert {t.dtype for t in adapter.values()} == {__import__("torch").float32}
@@ -431,7 +427,7 @@ def test_sharded_two_processes_give_the_loss_rows_and_files_of_one(config, tmp_p
                               "--num_processes", "2", "train.batch_size=2"])
     scheme = "zero3" if config.endswith(".yaml") else config
     assert f"2 processes ({scheme}): global batch 2 x 2 accumulation x 2 processes" in proc.stdout
-    a, b = _rows(ref), _rows(tmp_path / "two" / "run")
+    a, b = metrics_rows(ref), metrics_rows(tmp_path / "two" / "run")
     assert len([r for r in b if "loss" in r]) == 6
     assert all(r["grad_norm"] > 0.05 for r in a if "grad_norm" in r), "the norm is clipped"
     _same_rows(a, b, ["loss", "grad_norm", "eval_loss"])
@@ -467,7 +463,7 @@ def test_ppo_under_sharded_schemes(config, tmp_path, tiny_model_dir):
     scheme = "zero3" if config.endswith(".yaml") else config
     assert f"2 processes ({scheme})" in proc.stdout
     run = tmp_path / "run"
-    want = _rows(run)
+    want = metrics_rows(run)
     assert [r["step"] for r in want if "reward_mean" in r] == [1, 2]
     assert [r["step"] for r in want if "eval_reward" in r] == [0, 2]
     _one_copy_of_everything(run)
@@ -478,7 +474,7 @@ def test_ppo_under_sharded_schemes(config, tmp_path, tiny_model_dir):
     final = {f: _tensors(run / f) for f in ("adapter_model.safetensors", "value_head.safetensors")}
     _stop_after(run, 1)
     _run(tmp_path, 2, ["ppo", str(recipe), "resume=true"], config)
-    got = _rows(run)
+    got = metrics_rows(run)
     for key in ("reward_mean", "loss", "value_loss", "grad_norm", "eval_reward"):
         assert [r.get(key) for r in got] == pytest.approx([r.get(key) for r in want],
                                                           abs=1e-5), key
