@@ -223,13 +223,13 @@ def _interrupted(e, args, cfg):
 
 def _is_pipeline(path: str) -> bool:
     """Whether a recipe file says ``stage: pipeline`` (read without validating the rest)."""
-    import yaml
+    from llamatune.config import read_recipe
 
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raw, _ = read_recipe(path)
+    except ConfigError:
         return False
-    return isinstance(raw, dict) and raw.get("stage") == "pipeline"
+    return raw.get("stage") == "pipeline"
 
 
 def _cmd_pipeline(args) -> int:

@@ -22,7 +22,6 @@ absolute, so commands work from any working directory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -344,7 +343,7 @@ class Run:
             cfg = load_config(p / "config.yaml")
         except ConfigError as e:
             raise UserError(f"{p}/config.yaml is not a valid run config: {e}") from None
-        stage = cfg.stage or _older_run_stage(p)
+        stage = cfg.stage or "sft"  # every stage records itself; a hand-made config: SFT
         if stages is not None and stage not in stages:
             raise UserError(f"{path} is a `{stage}` run; {use or 'this command'} takes runs of "
                             f"{', '.join(stages)}.")
@@ -359,12 +358,3 @@ class Run:
         """The file of head ``name`` (``score``, ``value``), if the run has it."""
         f = self.path / head_file(name)
         return f if f.is_file() else None
-
-
-def _older_run_stage(p: Path) -> str:
-    """Runs written before ``stage`` was recorded: a sequence-classification adapter was an RM."""
-    try:
-        task = json.loads((p / "adapter_config.json").read_text()).get("task_type")
-    except (OSError, ValueError, AttributeError):
-        return "sft"
-    return "rm" if task == "SEQ_CLS" else "sft"

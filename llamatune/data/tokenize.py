@@ -157,34 +157,29 @@ def tokenize_conversations(
     msgs_only = [r["messages"] for r in records]
     path = _cache_path(cache_root, "conv", msgs_only, tokenizer, template, system, max_length,
                        truncation)
-    hit = _load_cache(path)
-    if hit is not None:
-        return hit
     ends = set(stop_token_ids(tokenizer, template))
-    stats = Stats(records=len(records))
-    samples = []
-    for rec in records:
+
+    def one(rec: dict, stats: Stats) -> dict | None:
         r = render(tokenizer, template, rec["messages"], system=system)
         ids, labels, cut = _fit(r.input_ids, r.labels, max_length, truncation)
         if ids is None:
             stats.dropped_too_long += 1
-            continue
+            return None
         n_sup = sum(1 for t in labels if t != -100)
         if n_sup == 0:
             stats.dropped_unsupervised += 1
-            continue
+            return None
         # Counted as trained: after truncation, dropped samples left out.
         bos_ok, end_ok = _check(ids, labels, r.bos_id, cut, ends, rec["loc"], stats)
-        samples.append({"input_ids": ids, "labels": labels})
         stats.samples += 1
         stats.truncated += cut
         stats.bos_ok += bos_ok
         stats.end_ok += end_ok
         stats.tokens += len(ids)
         stats.supervised += n_sup
-    _finish(stats, "data.path")
-    _save_cache(path, samples, stats)
-    return samples, stats
+        return {"input_ids": ids, "labels": labels}
+
+    return _tokenized(path, records, one)
 
 
 def tokenize_preferences(
@@ -205,32 +200,27 @@ def tokenize_preferences(
     """
     key = [(r["prompt"], r["chosen"], r["rejected"]) for r in records]
     path = _cache_path(cache_root, "pref", key, tokenizer, template, system, max_length, "drop")
-    hit = _load_cache(path)
-    if hit is not None:
-        return hit
     ends = set(stop_token_ids(tokenizer, template))
-    stats = Stats(records=len(records))
-    samples = []
-    for rec in records:
+
+    def one(rec: dict, stats: Stats) -> dict | None:
         sides = [render(tokenizer, template, rec["prompt"] + rec[side], system=system)
                  for side in ("chosen", "rejected")]
         if max(len(r.input_ids) for r in sides) > max_length:
             stats.dropped_too_long += 1
-            continue
+            return None
         # A pair counts as one sample: both of its sides must pass.
         oks = [_check(r.input_ids, r.labels, r.bos_id, False, ends, rec["loc"], stats)
                for r in sides]
-        samples.append({"chosen_ids": sides[0].input_ids, "rejected_ids": sides[1].input_ids,
-                        "chosen_labels": sides[0].labels, "rejected_labels": sides[1].labels,
-                        "group": rec.get("group")})
         stats.samples += 1
         stats.bos_ok += all(ok[0] for ok in oks)
         stats.end_ok += all(ok[1] for ok in oks)
         stats.tokens += len(sides[0].input_ids) + len(sides[1].input_ids)
         stats.supervised += sum(t != -100 for r in sides for t in r.labels)
-    _finish(stats, "data.path")
-    _save_cache(path, samples, stats)
-    return samples, stats
+        return {"chosen_ids": sides[0].input_ids, "rejected_ids": sides[1].input_ids,
+                "chosen_labels": sides[0].labels, "rejected_labels": sides[1].labels,
+                "group": rec.get("group")}
+
+    return _tokenized(path, records, one)
 
 
 def tokenize_prompts(
@@ -251,22 +241,33 @@ def tokenize_prompts(
     """
     key = [(r["messages"], r.get("fields")) for r in records]
     path = _cache_path(cache_root, "prompt", key, tokenizer, template, system, max_length, "drop")
+
+    def one(rec: dict, stats: Stats) -> dict | None:
+        r = render(tokenizer, template, rec["messages"], system=system, add_generation_prompt=True)
+        if len(r.input_ids) > max_length:
+            stats.dropped_too_long += 1
+            return None
+        bos_ok, _ = _check(r.input_ids, r.labels, r.bos_id, True, set(), rec["loc"], stats)
+        stats.samples += 1
+        stats.bos_ok += bos_ok
+        stats.tokens += len(r.input_ids)
+        return {"input_ids": r.input_ids, "messages": rec["messages"],
+                "fields": rec.get("fields") or {}, "group": rec.get("group")}
+
+    return _tokenized(path, records, one)
+
+
+def _tokenized(path, records: list[dict], one) -> tuple[list[dict], Stats]:
+    """The samples of ``records`` from the cache at ``path``, or made now and cached.
+
+    ``one(record, stats)`` tokenizes a record (``None``: dropped, counted in ``stats``); the
+    template invariants are then checked over every sample before anything is cached.
+    """
     hit = _load_cache(path)
     if hit is not None:
         return hit
     stats = Stats(records=len(records))
-    samples = []
-    for rec in records:
-        r = render(tokenizer, template, rec["messages"], system=system, add_generation_prompt=True)
-        if len(r.input_ids) > max_length:
-            stats.dropped_too_long += 1
-            continue
-        bos_ok, _ = _check(r.input_ids, r.labels, r.bos_id, True, set(), rec["loc"], stats)
-        samples.append({"input_ids": r.input_ids, "messages": rec["messages"],
-                        "fields": rec.get("fields") or {}, "group": rec.get("group")})
-        stats.samples += 1
-        stats.bos_ok += bos_ok
-        stats.tokens += len(r.input_ids)
+    samples = [s for rec in records if (s := one(rec, stats)) is not None]
     _finish(stats, "data.path")
     _save_cache(path, samples, stats)
     return samples, stats
