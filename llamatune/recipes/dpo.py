@@ -136,13 +136,17 @@ class DPORecipe(BatchStage):
     # -- what the shared loop asks of this stage --------------------------------------------
     def batches(self, epoch: int) -> list[dict]:
         """The epoch's micro-batches: both sides of each pair, chosen rows first."""
-        return self._split(training.pair_batches(self.train_samples, self.cfg.train, epoch,
-                                                 self.pad_id), "train")
+        return self._with_reference(training.pair_batches(
+            self.train_samples, self.cfg.train, epoch, self.pad_id), "train")
 
-    def _split(self, batches: list[dict], split: str) -> list[dict]:
-        """Tag ``batches`` with the split they come from (where precomputed log-probs are)."""
-        for b in batches:
-            b["split"] = split
+    def _with_reference(self, batches: list[dict], split: str) -> list[dict]:
+        """Give ``batches`` their precomputed ``ref_logp`` (``[2n]``, chosen rows first)."""
+        import torch
+
+        ref = self.ref.get(split)
+        if ref is not None:
+            for b in batches:
+                b["ref_logp"] = torch.cat([ref[b["index"], 0], ref[b["index"], 1]])
         return batches
 
     def count(self, batch: dict) -> int:
@@ -161,10 +165,8 @@ class DPORecipe(BatchStage):
 
         d = self.cfg.dpo
         policy = self._logprobs(batch)
-        ref = self.ref.get(batch.get("split"))
-        if ref is not None:  # precomputed: chosen rows first, then rejected
-            idx = batch["index"]
-            reference = torch.cat([ref[idx, 0], ref[idx, 1]]).to(policy["seq"])
+        if "ref_logp" in batch:  # precomputed (dpo.precompute_ref)
+            reference = batch["ref_logp"].to(policy["seq"])
         else:
             with torch.no_grad():
                 reference = self._logprobs(batch, self.reference)["seq"]
@@ -174,8 +176,8 @@ class DPORecipe(BatchStage):
     def evaluate(self) -> dict:
         """The loss and implicit-reward figures over the held-out pairs (per pair)."""
         sums, pairs = {}, 0
-        for batch in self._split(training.pair_batches(self.eval_samples, self.cfg.train, 0,
-                                                       self.pad_id, shuffle=False), "eval"):
+        for batch in self._with_reference(training.pair_batches(
+                self.eval_samples, self.cfg.train, 0, self.pad_id, shuffle=False), "eval"):
             loss, figures = self.loss(batch)
             for k, v in {"loss": loss.item(), **figures}.items():
                 sums[k] = sums.get(k, 0.0) + v
