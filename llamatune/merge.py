@@ -131,10 +131,6 @@ def choose_check(quantization: str, base: str, reference_dtype: str, out_dtype: 
     return Check("logits", EXACT_LOGIT_TOL, "float32 merge into a full-precision base")
 
 
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _torch_dtype(name: str):
     import torch
 
@@ -387,6 +383,8 @@ def _verify(folder: Path, reference: Reference, cfg, check: Check, data) -> Veri
     import torch
     from transformers import AutoModelForCausalLM
 
+    from llamatune.model import dtype_name
+
     samples, source = data
     # Saved bf16/fp16 weights upcast exactly, so the comparison runs in float32 at least.
     dtype = torch.float32
@@ -404,7 +402,7 @@ def _verify(folder: Path, reference: Reference, cfg, check: Check, data) -> Veri
     diff, ppl_m, ppl_r, tokens, worst = compare_models(merged, reference.model, samples,
                                                        reference.device)
     setup["worst"] = list(worst)
-    return Verification(check, _dtype_name(dtype), len(samples), source, tokens, diff, ppl_m,
+    return Verification(check, dtype_name(dtype), len(samples), source, tokens, diff, ppl_m,
                         ppl_r, setup)
 
 
