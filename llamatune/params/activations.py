@@ -44,12 +44,35 @@ recomputed, after the loss buffers are gone.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from llamatune.params.architectures import _Dims
 
-__all__ = ["activation_bytes"]
+__all__ = ["Setup", "activation_bytes"]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the saved activations depend on besides the model's sizes and the batch."""
+
+    full: bool
+    """Full fine-tuning (every weight trains) rather than LoRA."""
+    targets: tuple[str, ...]
+    """The LoRA-adapted linears (empty for full fine-tuning)."""
+    p: int
+    """Bytes per element of the hidden states."""
+    r: int
+    """The LoRA rank."""
+    dropout: float
+    """The LoRA dropout probability."""
+    on_cuda: bool
+    """Dropout masks are 1-byte booleans (CUDA) rather than float noise (CPU)."""
+    eager: bool
+    """Eager attention rather than SDPA."""
+    repeat_kv: bool
+    """SDPA gets K/V repeated to every head (batches with a padding mask)."""
 
 
 def _norm_bytes(h: int, r_in: bool, full: bool, p: int) -> tuple[int, bool]:
@@ -58,20 +81,10 @@ def _norm_bytes(h: int, r_in: bool, full: bool, p: int) -> tuple[int, bool]:
     return saved, r_in or full
 
 
-def _linear_inputs_bytes(
-    n_in: int,
-    x_grad: bool,
-    names: tuple[str, ...],
-    *,
-    full: bool,
-    targets: tuple[str, ...],
-    p: int,
-    r: int,
-    dropout: float,
-    on_cuda: bool,
-    input_already_saved: bool = False,
-) -> int:
+def _linear_inputs_bytes(n_in: int, x_grad: bool, names: tuple[str, ...], s: Setup,
+                         input_already_saved: bool = False) -> int:
     """Saved bytes per token for the linears that read one shared input of width ``n_in``."""
+    full, targets, p, r, dropout, on_cuda = s.full, s.targets, s.p, s.r, s.dropout, s.on_cuda
     c = 4  # peft keeps LoRA adapters in float32 (autocast_adapter_dtype)
     saved = 0
     shared_saved = input_already_saved
@@ -94,20 +107,7 @@ def _linear_inputs_bytes(
     return saved
 
 
-def _layer_bytes(
-    d: _Dims,
-    seq: int,
-    *,
-    input_grad: bool,
-    full: bool,
-    targets: tuple[str, ...],
-    p: int,
-    r: int,
-    dropout: float,
-    on_cuda: bool,
-    eager: bool,
-    repeat_kv: bool,
-) -> tuple[int, bool, int]:
+def _layer_bytes(d: _Dims, seq: int, input_grad: bool, s: Setup) -> tuple[int, bool, int]:
     """Saved bytes per token of one decoder layer.
 
     Returns:
@@ -115,14 +115,14 @@ def _layer_bytes(
         block alone (post-attention norm onwards).
     """
     h, m, a = d.hidden, d.mlp, d.heads
-    kw = dict(full=full, targets=targets, p=p, r=r, dropout=dropout, on_cuda=on_cuda)
+    full, targets, p = s.full, s.targets, s.p
     total, r_n1 = _norm_bytes(h, input_grad, full, p)
-    total += _linear_inputs_bytes(h, r_n1, ("q_proj", "k_proj", "v_proj"), **kw)
+    total += _linear_inputs_bytes(h, r_n1, ("q_proj", "k_proj", "v_proj"), s)
     r_q, r_k, r_v = (r_n1 or full or t in targets for t in ("q_proj", "k_proj", "v_proj"))
     attn_grad = r_q or r_k or r_v
     out_saved = False
     if attn_grad:
-        if eager:
+        if s.eager:
             # Q @ K^T keeps Q for K's gradient and K for Q's; softmax keeps its fp32 output;
             # probs @ V keeps V for the probabilities' gradient and the probabilities (their
             # cast copy when p != 4) for V's.
@@ -130,52 +130,32 @@ def _layer_bytes(
             total += p * d.q_dim * (r_k + r_q + scores) + 4 * a * seq * scores
             total += p * a * seq * r_v if p != 4 else 0
         else:
-            kv = d.q_dim if repeat_kv else d.kv_dim
+            kv = d.q_dim if s.repeat_kv else d.kv_dim
             total += p * (2 * d.q_dim + 2 * kv) + 4 * a
             out_saved = True  # o_proj's input is a view of the saved SDPA output
-    total += _linear_inputs_bytes(d.q_dim, attn_grad, ("o_proj",), **kw,
+    total += _linear_inputs_bytes(d.q_dim, attn_grad, ("o_proj",), s,
                                   input_already_saved=out_saved)
     r_h1 = input_grad or attn_grad or full or "o_proj" in targets
     norm2, r_n2 = _norm_bytes(h, r_h1, full, p)
-    mlp_block = norm2 + _linear_inputs_bytes(h, r_n2, ("gate_proj", "up_proj"), **kw)
+    mlp_block = norm2 + _linear_inputs_bytes(h, r_n2, ("gate_proj", "up_proj"), s)
     r_gate = r_n2 or full or "gate_proj" in targets
     r_up = r_n2 or full or "up_proj" in targets
     # SiLU keeps the gate output; the product keeps SiLU(gate) and up.
     mlp_block += p * m * (2 * r_gate + r_up)
-    mlp_block += _linear_inputs_bytes(m, r_gate or r_up, ("down_proj",), **kw)
+    mlp_block += _linear_inputs_bytes(m, r_gate or r_up, ("down_proj",), s)
     out_grad = r_h1 or r_gate or r_up or full or "down_proj" in targets
     return total + mlp_block, out_grad, mlp_block
 
 
-def activation_bytes(
-    d: _Dims,
-    batch: int,
-    seq: int,
-    *,
-    full: bool,
-    targets: tuple[str, ...],
-    p: int,
-    r: int,
-    dropout: float,
-    on_cuda: bool,
-    eager: bool,
-    repeat_kv: bool,
-    checkpointing: bool,
-) -> tuple[int, int, int, int]:
+def activation_bytes(d: _Dims, batch: int, seq: int, s: Setup,
+                     checkpointing: bool) -> tuple[int, int, int, int]:
     """Activation bytes for a batch.
 
     Args:
         d: The model's sizes (:func:`llamatune.params.architectures.dims`).
         batch: Sequences per micro-batch.
         seq: Tokens per sequence.
-        full: Full fine-tuning (every weight trains) rather than LoRA.
-        targets: The LoRA-adapted linears (empty for full fine-tuning).
-        p: Bytes per element of the hidden states.
-        r: The LoRA rank.
-        dropout: The LoRA dropout probability.
-        on_cuda: Dropout masks are 1-byte booleans (CUDA) rather than float noise (CPU).
-        eager: Eager attention rather than SDPA.
-        repeat_kv: SDPA gets K/V repeated to every head (batches with a padding mask).
+        s: The :class:`Setup` (method, precision, adapter, attention).
         checkpointing: One gradient checkpoint per decoder layer.
 
     Returns:
@@ -183,12 +163,11 @@ def activation_bytes(
         workspace of one layer beyond what that layer has already freed.
     """
     tokens = batch * seq
-    kw = dict(full=full, targets=targets, p=p, r=r, dropout=dropout, on_cuda=on_cuda,
-              eager=eager, repeat_kv=repeat_kv)
+    full, p = s.full, s.p
     # Under LoRA the frozen embeddings produce a hidden state without grad; with checkpointing
     # llamatune calls enable_input_require_grads(), so every layer input requires grad.
-    first, grad, _ = _layer_bytes(d, seq, input_grad=full or checkpointing, **kw)
-    rest, _, mlp_block = _layer_bytes(d, seq, input_grad=True, **kw)
+    first, grad, _ = _layer_bytes(d, seq, full or checkpointing, s)
+    rest, _, mlp_block = _layer_bytes(d, seq, True, s)
     if d.layers > 1:
         grad = True
     if checkpointing:
@@ -208,6 +187,6 @@ def activation_bytes(
     # Eager attention's backward holds the gradients of the fp32 scores and of the
     # probabilities (4 + p bytes per head and key position) once the layer's MLP block has
     # freed its saved tensors; SDPA's backward buffers are smaller than that block.
-    workspace = max(0, (4 + p) * d.heads * seq - mlp_block) if eager else 0
+    workspace = max(0, (4 + p) * d.heads * seq - mlp_block) if s.eager else 0
     return saved, tokens * rest, loss, tokens * workspace
 

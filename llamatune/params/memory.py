@@ -18,7 +18,7 @@ from typing import Any
 
 from llamatune.config import LoraConfig, ModelConfig
 from llamatune.errors import UserError
-from llamatune.params.activations import activation_bytes
+from llamatune.params.activations import Setup, activation_bytes
 from llamatune.params.architectures import _Dims, dims
 from llamatune.params.counts import ParamBreakdown, count_parameters, lora_parameters, lora_targets
 
@@ -207,10 +207,10 @@ def estimate_memory(
     trainable = pc.total if full else adapter_params
     gradients = (wb if full else 4) * trainable
     state, master, optimizer_state = _optimizer_bytes(optimizer, full, wb, master_weights, trainable)
-    act = _activations(
-        d, batch, seq, bool(gradient_checkpointing), full=full, targets=targets, p=p, r=r,
-        dropout=0.0 if full else lora_dropout, on_cuda=not str(device).startswith("cpu"),
-        eager=attn_implementation == "eager", repeat_kv=padding_mask)
+    act = _activations(d, batch, seq, bool(gradient_checkpointing), Setup(
+        full=full, targets=targets, p=p, r=r, dropout=0.0 if full else lora_dropout,
+        on_cuda=not str(device).startswith("cpu"), eager=attn_implementation == "eager",
+        repeat_kv=padding_mask))
     total = weights + adapters + gradients + optimizer_state + act.pop("peak")
     assumptions = _assumptions(method, wb, p, optimizer, state, master, lora_r, targets, lora_dropout,
                                attn_implementation, padding_mask, bool(gradient_checkpointing))
@@ -266,11 +266,10 @@ def _optimizer_bytes(optimizer: str, full: bool, wb: int, master_weights: bool,
 
 
 def _activations(d: _Dims, batch: int, seq: int, gradient_checkpointing: bool,
-                 **kw: Any) -> dict[str, int]:
+                 setup: Setup) -> dict[str, int]:
     """The activation fields of a :class:`MemoryEstimate`, and under ``peak`` their peak."""
-    act_plain, per_layer, logits, workspace = activation_bytes(
-        d, batch, seq, checkpointing=False, **kw)
-    act_ckpt = activation_bytes(d, batch, seq, checkpointing=True, **kw)[0]
+    act_plain, per_layer, logits, workspace = activation_bytes(d, batch, seq, setup, False)
+    act_ckpt = activation_bytes(d, batch, seq, setup, True)[0]
     activations = act_ckpt if gradient_checkpointing else act_plain
     # The loss buffers are freed before the first layer's backward (and, with checkpointing,
     # before its recomputation): count the larger of the two phases.
